@@ -1,0 +1,1 @@
+"""Figures (matplotlib, Agg) that the pipelines log to MLflow and DVC."""
