@@ -1,0 +1,64 @@
+# The README's two commands: `make run` (set up + the whole default job) and `make test`.
+# Set-up is part of every target: a venv, the pinned installs, the Fashion-MNIST package.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(abspath $(VENV))/bin
+FASHION_DIR ?= /usr/share/datasets/fashion-mnist
+
+# Telemetry and analytics off everywhere (DESIGN §6); headless plots.
+export KEDRO_DISABLE_TELEMETRY := 1
+export DO_NOT_TRACK := 1
+export DVC_NO_ANALYTICS := 1
+export MPLBACKEND := Agg
+export PATH := $(BIN):$(PATH)
+
+.PHONY: run test setup fashion-mnist ui tune apply-best bench clean-outputs help
+
+help:
+	@echo "make run    set up, then 'dvc repro': shard -> pretrain -> probe for scenes and fashion_mnist"
+	@echo "make test   set up, then run the test suite"
+	@echo "make ui     MLflow UI on http://127.0.0.1:5000"
+	@echo "make tune   Optuna mask-ratio search (opt-in);  make apply-best  hands the winner to dvc repro"
+	@echo "make bench  speed and quality benchmarks -> benchmarks/RESULTS.md"
+
+$(VENV)/.installed: requirements.txt pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+# Real images for the default job: Debian's dataset-fashion-mnist (no download at run time).
+fashion-mnist:
+	@if ls $(FASHION_DIR)/*ubyte.gz >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  echo "installing Debian package dataset-fashion-mnist"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; \
+	else \
+	  echo "Fashion-MNIST idx files not found in $(FASHION_DIR): install the Debian package"; \
+	  echo "dataset-fashion-mnist (as root) or set shard.fashion_mnist.fashion_mnist.root in conf/local"; \
+	fi
+
+setup: $(VENV)/.installed fashion-mnist
+
+run: setup
+	dvc repro
+
+test: setup
+	$(PY) -m pytest -q
+
+ui: setup
+	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+
+tune: setup
+	kedro run --pipeline tune --params dataset=$${DATASET:-fashion_mnist}
+
+apply-best: setup
+	$(PY) -m ijepa.tune apply-best --dataset $${DATASET:-fashion_mnist}
+
+bench: setup
+	$(PY) benchmarks/run_all.py
+
+clean-outputs:
+	rm -rf data/02_shards data/06_models data/07_model_output data/08_reporting mlflow.db

@@ -1,0 +1,63 @@
+"""Lineage tags on every MLflow run: git commit, DVC stage, dataset, pipeline.
+
+kedro-mlflow opens the run in its own before_pipeline_run hook; tags are set at the first
+node, when the run is certainly active. Stage-specific hashes (shard manifest, encoder)
+are tagged by the nodes that know them.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from kedro.framework.hooks import hook_impl
+
+log = logging.getLogger(__name__)
+
+
+def git_commit(root: Path) -> tuple[str, bool]:
+    """(commit sha, dirty?) of the project, or ("unknown", False) outside git."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                    capture_output=True, text=True, check=True).stdout.strip())
+        return sha, dirty
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown", False
+
+
+class LineageHooks:
+    def __init__(self) -> None:
+        self._tags: dict[str, str] = {}
+        self._tagged = False
+
+    @hook_impl
+    def before_pipeline_run(self, run_params: dict[str, Any]) -> None:
+        root = Path(run_params.get("project_path") or os.getcwd())
+        sha, dirty = git_commit(root)
+        pipeline = run_params.get("pipeline_names") or run_params.get("pipeline_name") or "__default__"
+        if isinstance(pipeline, (list, tuple)):
+            pipeline = ",".join(pipeline)
+        dataset = (run_params.get("runtime_params") or {}).get("dataset", "")
+        self._tags = {
+            "git_commit": sha,
+            "git_dirty": str(dirty).lower(),
+            "kedro_pipeline": str(pipeline),
+            "dataset": str(dataset),
+            # Same name as the DVC foreach stage that runs this pipeline (dvc.yaml).
+            "dvc_stage": f"{pipeline}@{dataset}" if dataset else str(pipeline),
+        }
+        self._tagged = False
+
+    @hook_impl
+    def before_node_run(self) -> None:
+        if self._tagged:
+            return
+        import mlflow
+
+        if mlflow.active_run() is not None:
+            mlflow.set_tags(self._tags)
+            self._tagged = True
