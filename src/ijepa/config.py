@@ -123,3 +123,18 @@ def as_dict(obj: Any) -> dict:
             return {k: conv(x) for k, x in v.items()}
         return v
     return conv(obj)
+
+
+def deep_merge(base: Mapping[str, Any] | None, override: Mapping[str, Any] | None) -> dict:
+    """Recursively merge `override` onto `base` (mappings merge, anything else replaces).
+
+    Parameters are written as a common block plus per-dataset overrides; this is the one
+    place that combines them.
+    """
+    out = dict(base or {})
+    for key, value in (override or {}).items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out

@@ -1,0 +1,141 @@
+"""Typed config, atomic writes, ViT encoder/predictor semantics, encoder export."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ijepa import atomic, load_encoder
+from ijepa.config import ConfigError, as_dict, deep_merge, from_mapping, require
+from ijepa.export import EncoderFileError, save_encoder
+from ijepa.models import (EncoderConfig, ModelConfig, Predictor, PredictorConfig, ViTEncoder,
+                          build, preset, target_representations)
+
+TINY = EncoderConfig(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2)
+TINY_PRED = PredictorConfig(embed_dim=16, depth=1, num_heads=2)
+
+
+@dataclass(frozen=True)
+class Inner:
+    k: int = 1
+
+    def validate(self):
+        require(self.k > 0, f"k must be positive, got {self.k}")
+
+
+@dataclass(frozen=True)
+class Outer:
+    name: str
+    scale: tuple[float, float] = (0.1, 0.2)
+    inner: Inner = field(default_factory=Inner)
+
+
+def test_config_builds_nested_and_coerces_tuples():
+    cfg = from_mapping(Outer, {"name": "a", "scale": [0.2, 0.3], "inner": {"k": 3}})
+    assert cfg == Outer("a", (0.2, 0.3), Inner(3))
+    assert as_dict(cfg) == {"name": "a", "scale": [0.2, 0.3], "inner": {"k": 3}}
+
+
+@pytest.mark.parametrize("mapping, needle", [
+    ({"name": "a", "bogus": 1}, "bogus"),
+    ({}, "Outer.name"),
+    ({"name": 3}, "Outer.name"),
+    ({"name": "a", "scale": [0.1]}, "Outer.scale"),
+    ({"name": "a", "inner": {"k": True}}, "inner.k"),
+    ({"name": "a", "inner": {"k": -1}}, "k must be positive"),
+])
+def test_config_errors_name_the_field(mapping, needle):
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        from_mapping(Outer, mapping)
+
+
+def test_deep_merge_overrides_leaves_only():
+    base = {"a": {"b": 1, "c": 2}, "d": [1]}
+    assert deep_merge(base, {"a": {"c": 5}, "d": [2]}) == {"a": {"b": 1, "c": 5}, "d": [2]}
+    assert base == {"a": {"b": 1, "c": 2}, "d": [1]}
+
+
+def test_atomic_write_failure_keeps_old_file(tmp_path):
+    target = tmp_path / "m.json"
+    atomic.write_json(target, {"v": 1})
+    with pytest.raises(RuntimeError):
+        with atomic.atomic_path(target) as tmp:
+            tmp.write_text("partial")
+            raise RuntimeError("killed mid-write")
+    assert target.read_text().strip().startswith("{")
+    assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
+
+
+def test_encoder_config_rejects_indivisible_image():
+    with pytest.raises(ConfigError, match="img_size 30 is not divisible by patch_size 4"):
+        ViTEncoder(EncoderConfig(img_size=30, patch_size=4))
+    with pytest.raises(ConfigError, match="unknown preset"):
+        preset("vit_z")
+
+
+def test_positions_are_added_before_the_gather():
+    # Attention is permutation-equivariant: if positions travel with their tokens (added
+    # before gathering), encoding a permutation of all patches permutes the output.
+    torch.manual_seed(0)
+    enc = ViTEncoder(TINY).eval()
+    x = torch.rand(2, 1, 16, 16)
+    full = enc(x)
+    perm = torch.stack([torch.randperm(16), torch.randperm(16)])
+    permuted = enc(x, keep=perm)
+    expected = torch.stack([full[i, perm[i]] for i in range(2)])
+    assert torch.allclose(permuted, expected, atol=1e-5)
+    # ...and a subset only sees its own tokens: changing a dropped patch changes nothing.
+    keep = torch.tensor([[0, 1, 2, 3]] * 2)
+    x2 = x.clone()
+    x2[:, :, 12:, 12:] = 1.0  # patch 15, not kept
+    assert torch.allclose(enc(x, keep=keep), enc(x2, keep=keep), atol=1e-6)
+
+
+def test_predictor_output_order_is_block_major():
+    torch.manual_seed(0)
+    pred = Predictor(TINY, TINY_PRED).eval()
+    ctx_idx = torch.tensor([[0, 1, 2], [4, 5, 6]])
+    ctx = torch.randn(2, 3, 32)
+    tgt = torch.tensor([[[8, 9], [10, 11]], [[12, 13], [14, 15]]])  # [M=2, B=2, Nt=2]
+    out = pred(ctx, ctx_idx, tgt)
+    assert out.shape == (4, 2, 32)
+    # block m of image b sits at m * B + b: compare with a one-block call
+    one = pred(ctx[1:], ctx_idx[1:], tgt[1:, 1:])
+    assert torch.allclose(out[1 * 2 + 1], one[0], atol=1e-5)
+
+
+def test_targets_are_layer_normed_without_affine_and_gathered():
+    torch.manual_seed(0)
+    enc = ViTEncoder(TINY).eval()
+    x = torch.rand(3, 1, 16, 16)
+    tgt = torch.tensor([[[0, 5]] * 3, [[10, 15]] * 3])
+    t = target_representations(enc, x, tgt)
+    assert t.shape == (6, 2, 32) and not t.requires_grad
+    h = F.layer_norm(enc(x), (32,))
+    assert torch.allclose(t[3 + 2, 1], h[2, 15], atol=1e-5)
+    assert torch.allclose(t.mean(-1), torch.zeros(6, 2), atol=1e-5)
+
+
+def test_features_concatenate_last_layers():
+    enc = ViTEncoder(TINY).eval()
+    x = torch.rand(2, 1, 16, 16)
+    assert enc.features(x, 1).shape == (2, 32)
+    f2 = enc.features(x, 2)
+    assert f2.shape == (2, 64) and torch.allclose(f2[:, 32:], enc.features(x, 1), atol=1e-6)
+
+
+def test_encoder_export_round_trip_and_errors(tmp_path):
+    enc, _ = build(ModelConfig(TINY, TINY_PRED))
+    save_encoder(enc, tmp_path / "enc", metadata={"dataset": "unit"})
+    loaded = load_encoder(tmp_path / "enc")
+    x = torch.rand(2, 1, 16, 16)
+    assert torch.equal(loaded(x), enc.eval()(x))
+    assert loaded.cfg == TINY and not any(p.requires_grad for p in loaded.parameters())
+    weights = tmp_path / "enc" / "encoder.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-7] + b"garbage")
+    with pytest.raises(EncoderFileError, match="encoder.safetensors"):
+        load_encoder(tmp_path / "enc")
+    with pytest.raises(EncoderFileError, match="nowhere"):
+        load_encoder(tmp_path / "nowhere")
