@@ -139,3 +139,22 @@ def test_encoder_export_round_trip_and_errors(tmp_path):
         load_encoder(tmp_path / "enc")
     with pytest.raises(EncoderFileError, match="nowhere"):
         load_encoder(tmp_path / "nowhere")
+
+
+def test_padded_context_matches_unpadded_lists():
+    # Variable-length context lists padded to a common length give, on their valid
+    # entries, exactly what each list gives alone (padding is masked out of attention).
+    torch.manual_seed(0)
+    enc = ViTEncoder(TINY).eval()
+    pred = Predictor(TINY, TINY_PRED).eval()
+    x = torch.rand(2, 1, 16, 16)
+    short, long_ = torch.tensor([1, 4, 6]), torch.tensor([0, 2, 3, 7, 9])
+    keep = torch.stack([torch.cat([short, torch.zeros(2, dtype=torch.long)]), long_])
+    valid = torch.tensor([[True] * 3 + [False] * 2, [True] * 5])
+    padded = enc(x, keep, keep_valid=valid)
+    alone = enc(x[:1], short[None])
+    assert torch.allclose(padded[0, :3], alone[0], atol=1e-5)
+    tgt = torch.tensor([[[10, 11], [12, 13]]])
+    p_pad = pred(padded, keep, tgt, ctx_valid=valid)
+    p_alone = pred(alone, short[None], tgt[:, :1])
+    assert torch.allclose(p_pad[0], p_alone[0], atol=1e-5)

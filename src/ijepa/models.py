@@ -121,6 +121,13 @@ def _sincos(grid: tuple[int, int], dim: int) -> torch.Tensor:
     return pe.reshape(grid[0] * grid[1], dim).float()
 
 
+def _key_mask(valid: torch.Tensor | None) -> torch.Tensor | None:
+    """[B, K] bool (True = real token) -> SDPA boolean mask [B, 1, 1, K] over keys."""
+    if valid is None:
+        return None
+    return valid[:, None, None, :]
+
+
 def _init_weights(module: nn.Module) -> None:
     if isinstance(module, nn.Linear):
         trunc_normal_(module.weight, std=0.02)
@@ -173,13 +180,20 @@ class ViTEncoder(nn.Module):
         x = (images - self.norm_mean) / self.norm_std
         return self.patch_embed(x) + self.pos_embed.to(dtype=x.dtype)
 
-    def forward(self, images: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """Encode; `keep` [B, K] restricts the blocks to those patch positions."""
+    def forward(self, images: torch.Tensor, keep: torch.Tensor | None = None,
+                keep_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Encode; `keep` [B, K] restricts the blocks to those patch positions.
+
+        `keep_valid` [B, K] (bool) marks real entries when lists of different lengths were
+        padded to K: padded tokens are never attended to, so each image's valid outputs are
+        exactly those of its unpadded list.
+        """
         x = self.embed(images)
         if keep is not None:
             x = gather_tokens(x, keep)
+        attn_mask = _key_mask(keep_valid)
         for blk in self.blocks:
-            x = blk(x)
+            x = blk(x, attn_mask=attn_mask)
         return self.norm(x)
 
     @torch.no_grad()
@@ -212,9 +226,11 @@ class Predictor(nn.Module):
         self.apply(_init_weights)
         trunc_normal_(self.mask_token, std=0.02)
 
-    def forward(self, ctx: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, ctx: torch.Tensor, ctx_idx: torch.Tensor, tgt_idx: torch.Tensor,
+                ctx_valid: torch.Tensor | None = None) -> torch.Tensor:
         """ctx [B, Nc, D] at positions ctx_idx [B, Nc]; tgt_idx [M, B, Nt] (M target blocks).
 
+        `ctx_valid` [B, Nc] (bool) marks real context entries when lists were padded.
         Returns predictions [M * B, Nt, D], block-major (block m of image b at m * B + b).
         """
         m, b, nt = tgt_idx.shape
@@ -228,8 +244,13 @@ class Predictor(nn.Module):
         tgt_pos = gather_tokens(pos.repeat(m, 1, 1), tgt_flat)
         queries = self.mask_token.to(dtype=x.dtype) + tgt_pos
         x = torch.cat([x, queries], dim=1)
+        attn_mask = None
+        if ctx_valid is not None:
+            valid = torch.cat([ctx_valid.repeat(m, 1),
+                               torch.ones(m * b, nt, dtype=torch.bool, device=ctx_valid.device)], dim=1)
+            attn_mask = _key_mask(valid)
         for blk in self.blocks:
-            x = blk(x)
+            x = blk(x, attn_mask=attn_mask)
         x = self.norm(x[:, nc:])
         return self.proj(x)
 
