@@ -310,3 +310,20 @@ def test_benchmark_runs_small():
     spec.loader.exec_module(mod)
     res = mod.run(batch_size=8, grid=(8, 8), repeats=2)
     assert {"ours_img_s", "loop_img_s", "ratio"} <= set(res) and res["ours_img_s"] > 0
+
+
+def test_pad_policy_keeps_every_context_patch():
+    from ijepa.masks import MaskConfig, MaskGenerator, make_generator
+
+    gen = MaskGenerator(MaskConfig(context_policy="pad", min_keep=4), (8, 8))
+    blocks = gen.sample_blocks(32, make_generator(1, 2))
+    masks = gen.pad(blocks)
+    assert masks.context_valid is not None
+    assert masks.context.shape == masks.context_valid.shape
+    # every real context patch is kept, exactly once, and marked valid
+    for e in range(masks.context.shape[0]):
+        for b in range(32):
+            real = masks.context[e, b][masks.context_valid[e, b]]
+            assert torch.equal(real, blocks.context_mask[e, b].nonzero().flatten())
+    assert int(masks.context_valid.sum(-1).max()) == masks.context.shape[-1]
+    assert torch.equal(masks.context_valid.sum(-1), masks.context_counts)

@@ -23,6 +23,8 @@ without saved state. `MaskCollator` does the same inside DataLoader workers.
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import hashlib
 import math
 import operator
@@ -64,6 +66,10 @@ class MaskConfig:
     allow_overlap: bool = False
     max_tries: int = 50
     max_size_draws: int = 10
+    # "truncate": cut every context list to the batch's shortest (paper / reference code);
+    # "pad": keep every context patch, pad lists to the longest and mask the padding out of
+    # attention (Masks.context_valid) — on small grids the cut throws most context away.
+    context_policy: Literal["truncate", "pad"] = "truncate"
 
     def validate(self) -> None:
         for name in ("npred", "nenc", "min_keep", "max_tries", "max_size_draws"):
@@ -126,15 +132,19 @@ class Masks:
     target_hw: tuple[int, int]
     context_hw: tuple[int, int]
     context_counts: torch.Tensor
+    context_valid: torch.Tensor | None = None  # Bool [nenc, B, Nc] when lists were padded
 
     def to(self, device, non_blocking: bool = False) -> "Masks":
+        valid = None if self.context_valid is None else _to(self.context_valid, device, non_blocking)
         return replace(self, context=_to(self.context, device, non_blocking),
                        targets=_to(self.targets, device, non_blocking),
-                       context_counts=_to(self.context_counts, device, non_blocking))
+                       context_counts=_to(self.context_counts, device, non_blocking),
+                       context_valid=valid)
 
     def pin_memory(self) -> "Masks":  # DataLoader(pin_memory=True) calls this
+        valid = None if self.context_valid is None else self.context_valid.pin_memory()
         return replace(self, context=self.context.pin_memory(), targets=self.targets.pin_memory(),
-                       context_counts=self.context_counts.pin_memory())
+                       context_counts=self.context_counts.pin_memory(), context_valid=valid)
 
     @property
     def batch_size(self) -> int:
@@ -292,8 +302,25 @@ class MaskGenerator:
                      target_hw=blocks.target_hw, context_hw=blocks.context_hw,
                      context_counts=counts)
 
+    @staticmethod
+    def pad(blocks: BlockMasks) -> Masks:
+        """Keep every context patch: lists padded to the batch's longest, `context_valid`
+        marks the real entries (valid first, in position order; padding after)."""
+        m = blocks.context_mask
+        counts = m.sum(-1)
+        nc = int(counts.max())
+        n = m.shape[-1]
+        pos = torch.arange(n).expand_as(m)
+        order = torch.where(m, pos, pos + n).argsort(dim=-1)[..., :nc]
+        return Masks(context=order, targets=blocks.targets, grid=blocks.grid,
+                     target_hw=blocks.target_hw, context_hw=blocks.context_hw,
+                     context_counts=counts, context_valid=m.gather(-1, order))
+
     def __call__(self, batch_size: int, generator: torch.Generator) -> Masks:
-        return self.truncate(self.sample_blocks(batch_size, generator), generator)
+        blocks = self.sample_blocks(batch_size, generator)
+        if self.cfg.context_policy == "pad":
+            return self.pad(blocks)
+        return self.truncate(blocks, generator)
 
 
 def _split_sample(sample: Any, image_key: str) -> tuple[Any, Any]:
