@@ -1,0 +1,424 @@
+"""Read what `shard_dataset` wrote: manifest, verification, in-memory splits, WebDataset streams.
+
+- ``load_manifest(shard_dir)`` -> dict; ``verify_shards(shard_dir)`` checks every listed shard's
+  presence, size and sha256; ``split_urls(shard_dir, split)`` -> shard paths in manifest order.
+- ``load_split(shard_dir, split, labels=True)`` -> (uint8 [N, C, H, W], {label: LongTensor [N]}),
+  in shard order (= the order the samples were written).
+- ``make_pipeline(...)`` / ``make_loader(...)``: WebDataset streaming (DESIGN.md §5).
+
+Determinism of the streams (exact resume): every random choice is seeded explicitly from
+``(seed, epoch, rank, worker)`` -- never from the clock or the pid -- so for fixed
+(seed, epoch, rank, world_size, num_workers) the sequence of samples/batches is the same on
+every run. Build a new pipeline or loader for each epoch (it is cheap), passing `epoch`.
+
+- Without ``resampled``: the shard list is shuffled (if `shardshuffle`) with a seed from
+  (seed, epoch) -- identical on every rank -- then rank r takes shards ``r::world_size``
+  and DataLoader worker w of k takes ``w::k`` of those (what ``wds.split_by_node`` /
+  ``wds.split_by_worker`` do, but with rank/world given explicitly or read from
+  torch.distributed). Ranks see different numbers of samples when shards do not divide
+  evenly: fine for evaluation, not for DDP training.
+- With ``resampled=True`` (use this under DDP): each (rank, worker) draws shards with
+  replacement from its own seeded stream, endlessly, and the epoch is cut to exactly
+  `epoch_samples` samples per rank (default ceil(N / world_size)), i.e.
+  ``epoch_samples // batch_size`` batches when batching, via ``.with_epoch``. Every rank
+  thus yields the same number of batches (no DDP hang: webdataset #188, #225, #444).
+- ``shuffle_buffer`` > 0 adds a sample shuffle buffer per worker, seeded from
+  (seed, epoch, rank, worker).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import random
+import tarfile
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["ShardError", "ManifestMissingError", "UnknownSplitError", "load_manifest", "verify_shards",
+           "split_urls", "split_size", "label_names", "decode_sample", "make_pipeline", "make_loader",
+           "load_split", "iter_split_samples", "stream_seed"]
+
+MANIFEST = "manifest.json"
+
+
+class ShardError(RuntimeError):
+    """A shard folder is missing, incomplete, altered or does not match its manifest."""
+
+
+class ManifestMissingError(ShardError, FileNotFoundError):
+    """No manifest.json (never written, or a write was interrupted)."""
+
+
+class UnknownSplitError(ShardError, KeyError):
+    """The manifest has no such split."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+def _root(shard_dir: str | Path) -> Path:
+    return Path(shard_dir)
+
+
+def load_manifest(shard_dir: str | Path) -> dict[str, Any]:
+    """manifest.json of `shard_dir` as a dict (ManifestMissingError / ShardError naming the file)."""
+    path = _root(shard_dir) / MANIFEST
+    if not path.is_file():
+        raise ManifestMissingError(f"no shard manifest at {path} (shards not written yet, or an interrupted "
+                                   f"write: run the shard stage again)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ShardError(f"{path}: unreadable manifest ({err})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
+        raise ShardError(f"{path}: not a shard manifest (no 'splits' mapping)")
+    return manifest
+
+
+def _split(manifest: dict[str, Any], split: str, where: Any) -> dict[str, Any]:
+    splits = manifest["splits"]
+    if split not in splits:
+        raise UnknownSplitError(f"{where}: no split {split!r} in the manifest (has {sorted(splits)})")
+    return splits[split]
+
+
+def _shard_entries(info: dict[str, Any], where: Any) -> list[dict[str, Any]]:
+    """The split's shard records ({"name", "samples", "bytes", "sha256"}); bare file names
+    (hand-written manifests) are accepted as {"name": ...}."""
+    out = []
+    for s in info.get("shards", []):
+        if isinstance(s, str):
+            out.append({"name": s})
+        elif isinstance(s, dict) and isinstance(s.get("name"), str):
+            out.append(s)
+        else:
+            raise ShardError(f"{where}: bad shard entry {s!r} in the manifest")
+    return out
+
+
+def split_urls(shard_dir: str | Path, split: str) -> list[str]:
+    """Paths of the split's shards in manifest (= writing) order."""
+    root = _root(shard_dir)
+    info = _split(load_manifest(root), split, root)
+    return [str(root / s["name"]) for s in _shard_entries(info, root)]
+
+
+def split_size(shard_dir: str | Path, split: str) -> int:
+    root = _root(shard_dir)
+    return int(_split(load_manifest(root), split, root)["samples"])
+
+
+def label_names(manifest: dict[str, Any]) -> list[str]:
+    """The label keys the shards carry (e.g. ["cls", "count", "depth"]): the keys of the
+    manifest's label schema (or an explicit "label_fields" list)."""
+    fields = manifest.get("label_fields")
+    if isinstance(fields, list):
+        return [str(f) for f in fields]
+    return list(manifest.get("labels") or {})
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_shards(shard_dir: str | Path, splits: Sequence[str] | None = None) -> dict[str, Any]:
+    """Check that every shard listed in the manifest exists with the recorded size and sha256.
+
+    Returns the manifest. Raises ManifestMissingError, or ShardError naming the first bad file."""
+    root = _root(shard_dir)
+    manifest = load_manifest(root)
+    names = list(manifest["splits"]) if splits is None else list(splits)
+    for split in names:
+        info = _split(manifest, split, root)
+        total = 0
+        for s in _shard_entries(info, root):
+            path = root / s["name"]
+            if not path.is_file():
+                raise ShardError(f"missing shard {path} (listed in {root / MANIFEST}, split {split!r})")
+            if not all(k in s for k in ("bytes", "sha256", "samples")):
+                raise ShardError(f"{root / MANIFEST}: shard {s['name']} has no recorded bytes/sha256/samples; "
+                                 f"cannot verify it")
+            size = path.stat().st_size
+            if size != s["bytes"]:
+                raise ShardError(f"shard {path} has {size} bytes, the manifest says {s['bytes']} (altered or "
+                                 f"truncated)")
+            digest = _sha256(path)
+            if digest != s["sha256"]:
+                raise ShardError(f"shard {path} sha256 {digest} does not match the manifest ({s['sha256']}): "
+                                 f"the file was altered")
+            total += int(s["samples"])
+        if total != int(info["samples"]):
+            raise ShardError(f"{root / MANIFEST}: split {split!r} lists {total} samples in its shards but "
+                             f"{info['samples']} in total")
+    return manifest
+
+
+# ----------------------------------------------------------------------------- decoding
+def _decode_image(data: bytes, channels: int) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        if im.mode != ("L" if channels == 1 else "RGB"):
+            im = im.convert("L" if channels == 1 else "RGB")
+        arr = np.asarray(im, dtype=np.uint8)
+    return arr[:, :, None] if arr.ndim == 2 else arr
+
+
+def _image_bytes(sample: dict[str, Any]) -> bytes:
+    for ext in ("png", "jpg", "jpeg"):
+        if ext in sample:
+            return sample[ext]
+    raise ShardError(f"sample {sample.get('__key__')!r} ({sample.get('__url__', '?')}) has no png/jpg member "
+                     f"(has {sorted(k for k in sample if not k.startswith('_'))})")
+
+
+def decode_sample(sample: dict[str, Any], channels: int, labels: Sequence[str] = ()) -> tuple[torch.Tensor, dict[str, int]]:
+    """A raw webdataset sample (bytes per extension) -> (uint8 [C, H, W], {label: int})."""
+    img = _decode_image(_image_bytes(sample), channels)
+    out: dict[str, int] = {}
+    for name in labels:
+        if name not in sample:
+            raise ShardError(f"sample {sample.get('__key__')!r} ({sample.get('__url__', '?')}) has no {name!r} label")
+        out[name] = int(bytes(sample[name]).decode("ascii"))
+    return torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1))), out
+
+
+class _Decode:
+    """Picklable map stage: raw sample -> image | (image, labels) | (key, image, labels)."""
+
+    def __init__(self, channels: int, labels: Sequence[str], with_labels: bool, with_keys: bool):
+        self.channels, self.labels = channels, list(labels)
+        self.with_labels, self.with_keys = with_labels, with_keys
+
+    def __call__(self, src: Iterator[dict[str, Any]]) -> Iterator[Any]:
+        for sample in src:
+            img, lab = decode_sample(sample, self.channels, self.labels if self.with_labels else ())
+            if self.with_keys:
+                yield sample["__key__"], img, lab
+            elif self.with_labels:
+                yield img, lab
+            else:
+                yield img
+
+
+def _collate(samples: list[Any]) -> Any:
+    first = samples[0]
+    if isinstance(first, torch.Tensor):
+        return torch.stack(samples)
+    if len(first) == 3:  # with keys
+        keys = [s[0] for s in samples]
+        imgs, labs = _collate([(s[1], s[2]) for s in samples])
+        return keys, imgs, labs
+    imgs = torch.stack([s[0] for s in samples])
+    labs = {k: torch.tensor([s[1][k] for s in samples], dtype=torch.long) for k in first[1]}
+    return imgs, labs
+
+
+# ----------------------------------------------------------------------------- streaming
+def stream_seed(*parts: int | str) -> int:
+    """A 63-bit seed mixed from (seed, epoch, rank, worker, stage name ...)."""
+    data = b"ijepa-data:" + b",".join(str(p).encode() for p in parts)
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
+
+
+def _worker() -> tuple[int, int]:
+    info = torch.utils.data.get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+def _dist_rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is not None and world_size is not None:
+        return rank, world_size
+    r, w = 0, 1
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        r, w = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return (r if rank is None else rank), (w if world_size is None else world_size)
+
+
+class _ShardList(torch.utils.data.IterableDataset):
+    """Shard URLs for this (rank, worker): split (optionally shuffled) or resampled; all seeded."""
+
+    def __init__(self, urls: list[str], seed: int, epoch: int, rank: int, world_size: int,
+                 resampled: bool, shuffle: bool):
+        super().__init__()
+        self.urls, self.seed, self.epoch = list(urls), seed, epoch
+        self.rank, self.world_size = rank, world_size
+        self.resampled, self.shuffle = resampled, shuffle
+
+    def __iter__(self) -> Iterator[dict[str, str]]:
+        worker, num_workers = _worker()
+        if self.resampled:
+            rng = random.Random(stream_seed(self.seed, self.epoch, self.rank, worker, "shards"))
+            while True:
+                yield {"url": self.urls[rng.randrange(len(self.urls))]}
+        urls = list(self.urls)
+        if self.shuffle:
+            random.Random(stream_seed(self.seed, self.epoch, "shards")).shuffle(urls)  # same on every rank
+        for url in urls[self.rank::self.world_size][worker::num_workers]:
+            yield {"url": url}
+
+
+class _SeededShuffle:
+    """Sample shuffle buffer whose RNG is seeded from (seed, epoch, rank, worker) at iteration time."""
+
+    def __init__(self, bufsize: int, seed: int, epoch: int, rank: int):
+        self.bufsize, self.seed, self.epoch, self.rank = bufsize, seed, epoch, rank
+
+    def __call__(self, src: Iterator[Any]) -> Iterator[Any]:
+        worker, _ = _worker()
+        rng = random.Random(stream_seed(self.seed, self.epoch, self.rank, worker, "samples"))
+        buf: list[Any] = []
+        for sample in src:
+            if len(buf) < self.bufsize:
+                buf.append(sample)
+                continue
+            k = rng.randrange(len(buf))
+            out, buf[k] = buf[k], sample
+            yield out
+        while buf:
+            k = rng.randrange(len(buf))
+            buf[k], buf[-1] = buf[-1], buf[k]
+            yield buf.pop()
+
+
+def make_pipeline(shard_dir: str | Path, split: str, *, labels: bool = True, batch_size: int | None = None,
+                  shuffle_buffer: int = 0, shardshuffle: bool | None = None, seed: int = 0, epoch: int = 0,
+                  rank: int | None = None, world_size: int | None = None, resampled: bool = False,
+                  epoch_samples: int | None = None, partial: bool | None = None, with_keys: bool = False,
+                  verify: bool = False, cut_epoch: bool = True):
+    """A WebDataset pipeline (an IterableDataset) over one split for this rank.
+
+    Yields uint8 [C, H, W] images, or (image, {label: int}) with `labels`, or
+    (key, image, labels) with `with_keys`; with `batch_size`, batches of those
+    (uint8 [B, C, H, W], {label: LongTensor [B]}).
+
+    shardshuffle: shuffle the shard order per epoch (default: True when shuffle_buffer > 0).
+    rank / world_size: this process's rank (default: torch.distributed if initialised, else 0/1).
+    resampled / epoch_samples: see the module docstring; under DDP pass resampled=True.
+    partial: keep a last incomplete batch (default: True unless resampled).
+    The order depends only on (seed, epoch, rank, world_size, DataLoader num_workers).
+    When the pipeline runs inside a DataLoader with k workers and resampled=True, every
+    worker yields `epoch_samples` samples: use `make_loader`, which cuts the epoch at the
+    loader instead (cut_epoch=False leaves the resampled stream endless).
+    """
+    import webdataset as wds
+
+    root = _root(shard_dir)
+    manifest = verify_shards(root, [split]) if verify else load_manifest(root)
+    info = _split(manifest, split, root)
+    urls = [str(root / s["name"]) for s in _shard_entries(info, root)]
+    if not urls:
+        raise ShardError(f"{root}: split {split!r} has no shards (0 samples)")
+    rank, world_size = _dist_rank_world(rank, world_size)
+    if not (0 <= rank < world_size):
+        raise ValueError(f"rank {rank} out of range for world_size {world_size}")
+    if shardshuffle is None:
+        shardshuffle = shuffle_buffer > 0
+    if partial is None:
+        partial = not resampled
+    stages: list[Any] = [
+        _ShardList(urls, seed, epoch, rank, world_size, resampled, shardshuffle),
+        wds.tarfile_to_samples(),
+    ]
+    if shuffle_buffer > 0:
+        stages.append(_SeededShuffle(shuffle_buffer, seed, epoch, rank))
+    stages.append(_Decode(int(manifest["channels"]), label_names(manifest), labels, with_keys))
+    if batch_size is not None:
+        stages.append(wds.batched(batch_size, collation_fn=_collate, partial=partial))
+    pipe = wds.DataPipeline(*stages)
+    if cut_epoch and (resampled or epoch_samples is not None):
+        n = epoch_samples if epoch_samples is not None else math.ceil(int(info["samples"]) / world_size)
+        pipe = pipe.with_epoch(n // batch_size if batch_size is not None else n)
+    return pipe
+
+
+def make_loader(shard_dir: str | Path, split: str, *, batch_size: int, num_workers: int = 0,
+                labels: bool = True, shuffle_buffer: int = 0, shardshuffle: bool | None = None, seed: int = 0,
+                epoch: int = 0, rank: int | None = None, world_size: int | None = None, resampled: bool = False,
+                epoch_samples: int | None = None, partial: bool | None = None, with_keys: bool = False,
+                pin_memory: bool = False, verify: bool = False):
+    """`make_pipeline` batched inside the workers, wrapped in a wds.WebLoader.
+
+    With `resampled`, the loader yields exactly ``epoch_samples // batch_size`` batches on
+    every rank (epoch_samples default ceil(N / world_size)); the order is fixed by
+    (seed, epoch, rank, world_size, num_workers).
+    """
+    import webdataset as wds
+
+    rank, world_size = _dist_rank_world(rank, world_size)
+    pipe = make_pipeline(shard_dir, split, labels=labels, batch_size=batch_size, shuffle_buffer=shuffle_buffer,
+                         shardshuffle=shardshuffle, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
+                         resampled=resampled, epoch_samples=None if resampled else epoch_samples,
+                         partial=partial, with_keys=with_keys, verify=verify, cut_epoch=not resampled)
+    loader = wds.WebLoader(pipe, batch_size=None, shuffle=False, num_workers=num_workers,
+                           pin_memory=pin_memory, persistent_workers=False)
+    if resampled:
+        n = epoch_samples if epoch_samples is not None else math.ceil(split_size(shard_dir, split) / world_size)
+        loader = loader.with_epoch(n // batch_size)
+    return loader
+
+
+# ----------------------------------------------------------------------------- in memory
+def iter_split_samples(shard_dir: str | Path, split: str) -> Iterator[dict[str, Any]]:
+    """Raw samples ({"__key__", ext: bytes}) of a split in manifest order, straight from the tars."""
+    for url in split_urls(shard_dir, split):
+        sample: dict[str, Any] | None = None
+        try:
+            with tarfile.open(url, "r:") as tf:
+                for m in tf:
+                    if not m.isfile():
+                        continue
+                    base = m.name.rsplit("/", 1)[-1]
+                    key, _, ext = base.partition(".")
+                    if sample is not None and sample["__key__"] != key:
+                        yield sample
+                        sample = None
+                    if sample is None:
+                        sample = {"__key__": key, "__url__": url}
+                    fh = tf.extractfile(m)
+                    sample[ext] = fh.read() if fh is not None else b""
+        except (tarfile.TarError, OSError) as err:
+            raise ShardError(f"shard {url}: cannot read ({err})") from None
+        if sample is not None:
+            yield sample
+
+
+def load_split(shard_dir: str | Path, split: str, labels: bool = True,
+               verify: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The whole split in memory, in shard order: (uint8 [N, C, H, W], {label: LongTensor [N]}).
+
+    The label dict is empty with labels=False or when the dataset has no labels."""
+    root = _root(shard_dir)
+    manifest = verify_shards(root, [split]) if verify else load_manifest(root)
+    info = _split(manifest, split, root)
+    n, c, size = int(info["samples"]), int(manifest["channels"]), int(manifest["image_size"])
+    names = label_names(manifest) if labels else []
+    images = np.empty((n, size, size, c), np.uint8)
+    labs = {k: np.empty(n, np.int64) for k in names}
+    i = 0
+    for sample in iter_split_samples(root, split):
+        if i >= n:
+            raise ShardError(f"{root}: split {split!r} has more samples than the manifest's {n}")
+        img = _decode_image(_image_bytes(sample), c)
+        if img.shape != (size, size, c):
+            raise ShardError(f"sample {sample['__key__']!r} in {sample['__url__']} is {img.shape}, the manifest "
+                             f"says {(size, size, c)}")
+        images[i] = img
+        for k in names:
+            if k not in sample:
+                raise ShardError(f"sample {sample['__key__']!r} in {sample['__url__']} has no {k!r} label")
+            labs[k][i] = int(sample[k].decode("ascii"))
+        i += 1
+    if i != n:
+        raise ShardError(f"{root}: split {split!r} has {i} samples, the manifest says {n}")
+    tensor = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+    return tensor, {k: torch.from_numpy(v) for k, v in labs.items()}
