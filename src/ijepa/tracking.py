@@ -1,0 +1,174 @@
+"""Experiment tracking behind a small interface, so the library never depends on MLflow.
+
+- `Tracker`: the protocol the training loop talks to (metrics, params, tags, artifacts).
+- `NullTracker`: does nothing (tests, runs without tracking).
+- `RecordingTracker`: keeps everything in memory (tests, replay).
+- `MlflowTracker`: logs to one MLflow run through `MlflowClient` (it never starts or ends
+  runs, so it does not disturb the caller's run stack, e.g. kedro-mlflow's). Built from the
+  active run (`MlflowTracker.active()`), or from ``MLFLOW_RUN_ID`` / ``MLFLOW_TRACKING_URI``
+  in torchrun child processes (`tracker_from_env(rank)`: rank 0 only, others get a
+  NullTracker). `run_env()` gives the variables a parent passes to its children.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping, Protocol, runtime_checkable
+
+__all__ = ["Tracker", "NullTracker", "RecordingTracker", "MlflowTracker", "tracker_from_env",
+           "flatten_params", "default_tracker"]
+
+log = logging.getLogger(__name__)
+
+ENV_RUN_ID = "MLFLOW_RUN_ID"
+ENV_URI = "MLFLOW_TRACKING_URI"
+
+
+@runtime_checkable
+class Tracker(Protocol):
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
+
+    def log_params(self, params: Mapping[str, Any]) -> None: ...
+
+    def set_tag(self, key: str, value: Any) -> None: ...
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None: ...
+
+
+class NullTracker:
+    """Accepts everything, records nothing."""
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        pass
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        pass
+
+    def set_tag(self, key: str, value: Any) -> None:
+        pass
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        pass
+
+
+class RecordingTracker:
+    """Keeps metrics [(step, dict)], params, tags and artifact paths in memory."""
+
+    def __init__(self) -> None:
+        self.metrics: list[tuple[int, dict[str, float]]] = []
+        self.params: dict[str, Any] = {}
+        self.tags: dict[str, str] = {}
+        self.artifacts: list[tuple[str, str | None]] = []
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        self.metrics.append((int(step), {k: float(v) for k, v in metrics.items()}))
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        self.params.update(flatten_params(params))
+
+    def set_tag(self, key: str, value: Any) -> None:
+        self.tags[key] = str(value)
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        self.artifacts.append((str(path), artifact_path))
+
+    def series(self, name: str) -> list[tuple[int, float]]:
+        return [(s, m[name]) for s, m in self.metrics if name in m]
+
+
+def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested mapping -> {"a.b.c": "value"} with lists rendered as strings."""
+    out: dict[str, str] = {}
+    for k, v in params.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten_params(v, key + "."))
+        else:
+            out[key] = str(list(v) if isinstance(v, tuple) else v)
+    return out
+
+
+class MlflowTracker:
+    """Logs to an existing MLflow run (by id) with MlflowClient; never starts/ends runs."""
+
+    def __init__(self, run_id: str, tracking_uri: str | None = None):
+        from mlflow.tracking import MlflowClient
+
+        self.run_id = run_id
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+
+    @classmethod
+    def active(cls) -> "MlflowTracker":
+        import mlflow
+
+        run = mlflow.active_run()
+        if run is None:
+            raise RuntimeError("MlflowTracker.active(): no active MLflow run")
+        return cls(run.info.run_id, mlflow.get_tracking_uri())
+
+    def run_env(self) -> dict[str, str]:
+        """Environment variables that let a child process attach to this run."""
+        env = {ENV_RUN_ID: self.run_id}
+        if self.tracking_uri:
+            env[ENV_URI] = str(self.tracking_uri)
+        return env
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        batch = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items()
+                 if v is not None and math.isfinite(float(v))]
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+        from mlflow.exceptions import MlflowException
+
+        flat = flatten_params(params)
+        try:
+            existing = self.client.get_run(self.run_id).data.params
+        except MlflowException:
+            existing = {}
+        new = [Param(k, v[:6000]) for k, v in flat.items() if k not in existing]
+        for k, v in flat.items():
+            if k in existing and existing[k] != v[:6000]:
+                log.warning("MLflow run %s already has param %s=%r; not overwriting with %r",
+                            self.run_id, k, existing[k], v)
+        for i in range(0, len(new), 100):
+            self.client.log_batch(self.run_id, params=new[i:i + 100])
+
+    def set_tag(self, key: str, value: Any) -> None:
+        self.client.set_tag(self.run_id, key, str(value))
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        p = Path(path)
+        if p.is_dir():
+            self.client.log_artifacts(self.run_id, str(p), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(p), artifact_path)
+
+
+def tracker_from_env(rank: int = 0) -> Tracker:
+    """In a torchrun child: an MlflowTracker on MLFLOW_RUN_ID for rank 0, else NullTracker."""
+    run_id = os.environ.get(ENV_RUN_ID)
+    if rank != 0 or not run_id:
+        return NullTracker()
+    return MlflowTracker(run_id, os.environ.get(ENV_URI))
+
+
+def default_tracker() -> Tracker:
+    """MlflowTracker on the active run when one is active (and mlflow imports), else NullTracker."""
+    try:
+        import mlflow
+    except ImportError:  # pragma: no cover
+        return NullTracker()
+    if mlflow.active_run() is None:
+        return NullTracker()
+    return MlflowTracker.active()

@@ -1,0 +1,228 @@
+"""Typed pretraining configuration (`PretrainConfig`), checked before any work starts.
+
+Build it with ``from_mapping(PretrainConfig, params)`` (unknown keys, wrong types and bad
+ranges raise ConfigError naming the field). The encoder's `img_size` and `in_chans` are
+not parameters: they come from the shard manifest, and `resolve_model` checks the image
+size against the patch size (and the mask config against the patch grid) before training.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from ijepa.config import ConfigError, as_dict, require
+from ijepa.masks import MaskConfig, MaskGenerator
+from ijepa.models import PRESETS, ModelConfig
+
+__all__ = ["EncoderOverrides", "PredictorOverrides", "ModelSection", "OptimConfig", "AugmentConfig",
+           "DataConfig", "CollapseConfig", "PretrainConfig", "resolve_model", "check_against_data",
+           "RESUME_SAFE_FIELDS"]
+
+
+@dataclass(frozen=True)
+class EncoderOverrides:
+    """Encoder fields to change from the preset (null = keep the preset's)."""
+
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: float | None = None
+    drop_path: float | None = None
+    norm_mean: tuple[float, ...] | None = None
+    norm_std: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
+class PredictorOverrides:
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: float | None = None
+    drop_path: float | None = None
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    """A preset (models.PRESETS) plus overrides; img_size / in_chans come from the shards."""
+
+    preset: str = "tiny"
+    patch_size: int | None = None  # null = the preset's
+    encoder: EncoderOverrides = field(default_factory=EncoderOverrides)
+    predictor: PredictorOverrides = field(default_factory=PredictorOverrides)
+
+    def validate(self) -> None:
+        require(self.preset in PRESETS, f"preset: unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+        require(self.patch_size is None or self.patch_size > 0,
+                f"patch_size must be positive, got {self.patch_size}")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with per-iteration schedules (DESIGN.md §3). `batch_size` is GLOBAL (all
+    processes together; each of `nproc` processes gets batch_size / nproc)."""
+
+    batch_size: int = 64
+    epochs: int = 10
+    total_steps: int | None = None  # when set, replaces epochs * steps_per_epoch
+    lr: float = 1e-3
+    start_lr: float = 2e-4
+    final_lr: float = 1e-6
+    warmup_epochs: float = 1.0
+    warmup_steps: int | None = None  # when set, replaces warmup_epochs
+    weight_decay: float = 0.04
+    final_weight_decay: float = 0.4
+    ema_momentum: float = 0.996
+    final_ema_momentum: float = 1.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_clip: float | None = None  # max global grad norm; null = no clipping (paper)
+
+    def validate(self) -> None:
+        require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        require(self.total_steps is None or self.total_steps >= 1,
+                f"total_steps must be >= 1 or null, got {self.total_steps}")
+        for name in ("lr", "start_lr", "final_lr", "weight_decay", "final_weight_decay", "eps"):
+            v = getattr(self, name)
+            require(math.isfinite(v) and v >= 0, f"{name} must be a finite number >= 0, got {v}")
+        require(self.lr > 0, f"lr must be positive, got {self.lr}")
+        require(self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        require(self.warmup_steps is None or self.warmup_steps >= 0,
+                f"warmup_steps must be >= 0 or null, got {self.warmup_steps}")
+        for name in ("ema_momentum", "final_ema_momentum"):
+            v = getattr(self, name)
+            require(0.0 <= v <= 1.0, f"{name} must be in [0, 1], got {v}")
+        require(all(0.0 <= b < 1.0 for b in self.betas), f"betas must be in [0, 1), got {self.betas}")
+        require(self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be positive or null, got {self.grad_clip}")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """RandomResizedCrop to the same size: the paper's only augmentation."""
+
+    enabled: bool = True
+    scale: tuple[float, float] = (0.3, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+    def validate(self) -> None:
+        require(0.0 < self.scale[0] <= self.scale[1] <= 1.0, f"scale must satisfy 0 < min <= max <= 1, got {self.scale}")
+        require(0.0 < self.ratio[0] <= self.ratio[1], f"ratio must satisfy 0 < min <= max, got {self.ratio}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How the train split is read (see ijepa.train_data).
+
+    mode: "memory" decodes the split into RAM once (exact equal split across ranks, exact
+    resume by index); "stream" reads the WebDataset shards (resampled + with_epoch);
+    "auto" (default) = memory when the decoded split fits in `memory_limit_mb`, else stream.
+    """
+
+    mode: Literal["auto", "memory", "stream"] = "auto"
+    memory_limit_mb: float = 2048.0
+    shuffle_buffer: int = 1000  # stream mode: sample shuffle buffer per worker
+    verify: bool = True  # check the train shards' sha256 against the manifest before training
+
+    def validate(self) -> None:
+        require(self.memory_limit_mb >= 0, f"memory_limit_mb must be >= 0, got {self.memory_limit_mb}")
+        require(self.shuffle_buffer >= 1, f"shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
+
+
+@dataclass(frozen=True)
+class CollapseConfig:
+    """Warn (log + tracker tag) when a collapse signal of the target features drops below:
+
+    std_min: per-dimension std over the batch of the average-pooled target features,
+        averaged over dimensions; rank_min: effective rank (exp of the entropy of the
+        normalised singular values) of those pooled features.
+    """
+
+    std_min: float = 1e-2
+    rank_min: float = 1.5
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    masks: MaskConfig = field(default_factory=MaskConfig)
+    optimisation: OptimConfig = field(default_factory=OptimConfig)
+    loss: Literal["l2", "smooth_l1"] = "l2"
+    augmentation: AugmentConfig = field(default_factory=AugmentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    collapse: CollapseConfig = field(default_factory=CollapseConfig)
+    # "auto": bf16 autocast on CUDA, fp32 on CPU; "bf16": bf16 autocast on CPU too (~2x faster)
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    compile: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    checkpoint_every: int = 500
+    keep_last: int = 2
+    log_every: int = 10
+    seed: int = 0
+    num_workers: int = 0  # decoding workers per process (stream mode)
+    nproc: int = 1  # processes; > 1 launches torchrun --standalone --nproc_per_node nproc
+    threads: int | None = None  # torch CPU threads per process; null = cores / nproc
+    deterministic: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        require(self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
+        require(self.keep_last >= 1, f"keep_last must be >= 1, got {self.keep_last}")
+        require(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
+        require(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
+        require(self.nproc >= 1, f"nproc must be >= 1, got {self.nproc}")
+        require(self.threads is None or self.threads >= 1, f"threads must be >= 1 or null, got {self.threads}")
+        require(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
+        require(self.optimisation.batch_size % self.nproc == 0,
+                f"optimisation.batch_size {self.optimisation.batch_size} is not divisible by nproc {self.nproc} "
+                f"(batch_size is the global batch, split evenly across processes)")
+
+    def to_dict(self) -> dict:
+        return as_dict(self)
+
+
+# Fields that may change between a checkpoint and its resume without making it wrong.
+RESUME_SAFE_FIELDS = frozenset({
+    "checkpoint_every", "keep_last", "log_every", "num_workers", "progress", "compile", "threads",
+    "collapse.std_min", "collapse.rank_min", "data.memory_limit_mb", "data.verify", "device", "deterministic",
+})
+
+
+def resolve_model(cfg: PretrainConfig, image_size: int, in_chans: int, source: str = "the shard manifest"
+                  ) -> ModelConfig:
+    """The ModelConfig for images of `image_size` x `image_size` with `in_chans` channels."""
+    base = PRESETS[cfg.model.preset]
+    patch = cfg.model.patch_size if cfg.model.patch_size is not None else base.encoder.patch_size
+    if image_size % patch != 0:
+        raise ConfigError(
+            f"model.patch_size: image size {image_size} (from {source}) is not divisible by patch_size {patch}; "
+            f"choose a patch size that divides {image_size}")
+    enc_over = {k: v for k, v in as_dict(cfg.model.encoder).items() if v is not None}
+    enc_over = {k: tuple(v) if isinstance(v, list) else v for k, v in enc_over.items()}
+    pred_over = {k: v for k, v in as_dict(cfg.model.predictor).items() if v is not None}
+    enc = replace(base.encoder, img_size=image_size, in_chans=in_chans, patch_size=patch, **enc_over)
+    pred = replace(base.predictor, **pred_over)
+    try:
+        enc.validate()
+    except ConfigError as err:
+        raise ConfigError(f"model.encoder: {err}") from None
+    try:
+        pred.validate()
+    except ConfigError as err:
+        raise ConfigError(f"model.predictor: {err}") from None
+    return ModelConfig(enc, pred)
+
+
+def check_against_data(cfg: PretrainConfig, image_size: int, in_chans: int, train_samples: int,
+                       source: str = "the shard manifest") -> ModelConfig:
+    """Every check that needs the data: patch size, model shape, masks on the grid, batch."""
+    model = resolve_model(cfg, image_size, in_chans, source)
+    try:
+        MaskGenerator(cfg.masks, model.encoder.grid)
+    except ConfigError as err:
+        raise ConfigError(f"masks: {err}") from None
+    require(train_samples >= cfg.optimisation.batch_size,
+            f"optimisation.batch_size: {cfg.optimisation.batch_size} is larger than the train split "
+            f"({train_samples} images in {source})")
+    return model
+

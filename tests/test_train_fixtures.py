@@ -1,0 +1,102 @@
+"""Tiny shard folders and configs shared by the pretraining tests (plus a check of them).
+
+`make_shards` writes a train split of small PNG images (smooth random blobs, so there is
+structure to predict) with webdataset's TarWriter and a minimal manifest.json, the same
+layout as the project's shard writer: ``train-%06d.tar`` + manifest with image size,
+channels and per-split sample counts.
+"""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+TINY_MODEL = {"preset": "tiny", "patch_size": 4,
+              "encoder": {"embed_dim": 32, "depth": 2, "num_heads": 2},
+              "predictor": {"embed_dim": 16, "depth": 1, "num_heads": 2}}
+TINY_MASKS = {"npred": 2, "pred_scale": [0.15, 0.25], "pred_aspect": [0.75, 1.5], "nenc": 1,
+              "enc_scale": [0.85, 1.0], "enc_aspect": [1.0, 1.0], "min_keep": 3}
+
+
+def tiny_config(**over) -> dict:
+    cfg = {"model": TINY_MODEL, "masks": TINY_MASKS,
+           "optimisation": {"batch_size": 8, "total_steps": 12, "warmup_steps": 2, "lr": 1e-3},
+           "checkpoint_every": 4, "keep_last": 2, "log_every": 2, "seed": 3, "threads": 1,
+           "deterministic": True, "progress": False}
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(cfg.get(k), dict):
+            cfg[k] = {**cfg[k], **v}
+        else:
+            cfg[k] = v
+    return cfg
+
+
+def blob_images(n: int, size: int, channels: int, seed: int = 0) -> np.ndarray:
+    """uint8 [n, size, size, channels]: a few Gaussian blobs per image."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    out = np.zeros((n, size, size, channels), np.float32)
+    for i in range(n):
+        for _ in range(3):
+            cy, cx = rng.uniform(0, size, 2)
+            r = rng.uniform(size / 8, size / 3)
+            col = rng.uniform(0.3, 1.0, channels)
+            out[i] += np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))[..., None] * col
+    return (np.clip(out, 0, 1) * 255).astype(np.uint8)
+
+
+def make_shards(root: Path, n: int = 64, size: int = 16, channels: int = 1, per_shard: int = 32,
+                seed: int = 0) -> Path:
+    """A shard folder with a train split of `n` images.
+
+    channels=3: the project's own writer (`ijepa.data.shard_dataset`, procedural scenes).
+    channels=1: grey blob images written with webdataset's TarWriter and a manifest in the
+    data library's format (so grey and RGB inputs are both exercised)."""
+    root = Path(root)
+    if channels == 3:
+        from ijepa.data import shard_dataset
+
+        shard_dataset({"source": "scenes", "image_size": size, "seed": seed, "maxcount": per_shard,
+                       "scenes": {"sizes": {"train": n}}}, root)
+        return root
+    import hashlib
+
+    import webdataset as wds
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    imgs = blob_images(n, size, channels, seed)
+    shards = []
+    for s in range(0, n, per_shard):
+        name = f"train-{s // per_shard:06d}.tar"
+        with wds.TarWriter(str(root / name)) as w:
+            for i in range(s, min(n, s + per_shard)):
+                buf = io.BytesIO()
+                Image.fromarray(imgs[i, ..., 0]).save(buf, format="PNG")
+                w.write({"__key__": f"{i:06d}", "png": buf.getvalue()})
+        data = (root / name).read_bytes()
+        shards.append({"name": name, "bytes": len(data), "samples": min(n, s + per_shard) - s,
+                       "sha256": hashlib.sha256(data).hexdigest()})
+    manifest = {"format_version": 1, "dataset": "blobs", "image_size": size, "channels": channels, "labels": {},
+                "splits": {"train": {"samples": n, "shards": shards}}}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def test_fixture_shards_read_back(tmp_path):
+    from ijepa.data import verify_shards
+    from ijepa.train_data import load_train_images, read_shard_info
+
+    grey = make_shards(tmp_path / "g", n=40, size=12, channels=1, per_shard=16)
+    verify_shards(grey)
+    info = read_shard_info(grey, verify=True)
+    assert (info.image_size, info.channels, info.train_samples, len(info.train_shards)) == (12, 1, 40, 3)
+    imgs = load_train_images(info)
+    assert imgs.dtype == torch.uint8 and tuple(imgs.shape) == (40, 1, 12, 12)
+    assert torch.equal(imgs, torch.from_numpy(blob_images(40, 12, 1)).permute(0, 3, 1, 2))
+    rgb = read_shard_info(make_shards(tmp_path / "c", n=20, size=16, channels=3, per_shard=8))
+    assert (rgb.image_size, rgb.channels, rgb.train_samples, rgb.dataset) == (16, 3, 20, "scenes")
+    assert tuple(load_train_images(rgb).shape) == (20, 3, 16, 16)
