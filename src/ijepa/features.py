@@ -1,0 +1,144 @@
+"""Frozen-encoder features for the probes, computed once per (encoder, n_last, split) and cached.
+
+Cache layout (one safetensors file per split, written atomically)::
+
+    <cache_dir>/<encoder_key>/n_last<k>/<split>.safetensors
+        tensor "features": float32 [N, D]
+        metadata: encoder_key, n_last, split, data_fingerprint, n, dim
+
+`encoder_key` is the sha256 of the exported weights file (`export.file_sha256`) for a
+trained encoder, and `random_init-<sha256 of the state dict>` for the randomly initialised
+baseline. A cached file is reused only when its metadata matches the request, including
+the fingerprint of the shards (sha256 of their manifest.json), so re-generated shards or a
+changed encoder are recomputed; an unreadable cache file is recomputed too.
+
+Raw-pixel features (`pixel_features`) are cheap and not cached: images scaled to [0, 1],
+flattened; when C*H*W exceeds `max_dim` the image is average-pooled by the smallest
+integer factor f that brings C*ceil(H/f)*ceil(W/f) to at most `max_dim` (adaptive pooling
+to that size) before flattening. Standardisation happens in the probe (ijepa.linear).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ijepa.atomic import atomic_path
+
+__all__ = ["cache_path", "cached_features", "extract_features", "encoder_features", "pixel_features",
+           "state_sha256"]
+
+log = logging.getLogger(__name__)
+
+
+def cache_path(cache_dir: str | os.PathLike, encoder_key: str, n_last: int, split: str) -> Path:
+    return Path(cache_dir) / encoder_key / f"n_last{n_last}" / f"{split}.safetensors"
+
+
+def state_sha256(module: torch.nn.Module) -> str:
+    """sha256 over a module's state dict (names, dtypes, shapes and bytes), in name order."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def extract_features(encoder: torch.nn.Module, images: torch.Tensor, n_last: int = 1, batch_size: int = 256,
+                     device: str | torch.device = "cpu", progress: bool = True, desc: str = "features") -> torch.Tensor:
+    """uint8 images [N, C, H, W] -> float32 features [N, D] via `encoder.features` (eval mode)."""
+    encoder.eval()
+    n = images.shape[0]
+    out: list[torch.Tensor] = []
+    with tqdm(total=n, desc=desc, unit="img", disable=not progress, leave=False) as bar:
+        for i in range(0, n, batch_size):
+            x = images[i:i + batch_size].to(device=device, dtype=torch.float32) / 255.0
+            out.append(encoder.features(x, n_last=n_last).float().cpu())
+            bar.update(x.shape[0])
+    if not out:
+        raise ValueError("extract_features got no images")
+    return torch.cat(out)
+
+
+def _read_cache(path: Path, expect: dict[str, str]) -> torch.Tensor | None:
+    if not path.is_file():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            if any(meta.get(k) != v for k, v in expect.items()):
+                log.info("feature cache %s is stale (%s != %s); recomputing", path, meta, expect)
+                return None
+            feats = fh.get_tensor("features")
+    except (SafetensorError, OSError, ValueError, KeyError) as err:
+        log.warning("feature cache %s is unreadable (%s); recomputing", path, err)
+        return None
+    if feats.ndim != 2 or str(feats.shape[0]) != meta.get("n"):
+        log.warning("feature cache %s has shape %s, metadata says n=%s; recomputing", path,
+                    tuple(feats.shape), meta.get("n"))
+        return None
+    return feats
+
+
+def cached_features(cache_dir: str | os.PathLike, encoder_key: str, n_last: int, split: str,
+                    data_fingerprint: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """Features from the cache when encoder key, n_last, split and data fingerprint match;
+    otherwise `compute()` them and write the cache atomically."""
+    path = cache_path(cache_dir, encoder_key, n_last, split)
+    expect = {"encoder_key": encoder_key, "n_last": str(n_last), "split": split,
+              "data_fingerprint": data_fingerprint}
+    feats = _read_cache(path, expect)
+    if feats is not None:
+        return feats
+    feats = compute().float().contiguous()
+    meta = dict(expect, n=str(feats.shape[0]), dim=str(feats.shape[1]))
+    with atomic_path(path, suffix=".safetensors") as tmp:
+        save_file({"features": feats}, str(tmp), metadata=meta)
+    return feats
+
+
+def encoder_features(encoder: torch.nn.Module, encoder_key: str, images: torch.Tensor, split: str, *,
+                     n_last: int, cache_dir: str | os.PathLike, data_fingerprint: str, batch_size: int = 256,
+                     device: str | torch.device = "cpu", progress: bool = True, name: str = "") -> torch.Tensor:
+    """`extract_features` through the on-disk cache."""
+    def compute() -> torch.Tensor:
+        return extract_features(encoder.to(device), images, n_last=n_last, batch_size=batch_size, device=device,
+                                progress=progress, desc=f"{name or encoder_key[:12]} {split}")
+
+    return cached_features(cache_dir, encoder_key, n_last, split, data_fingerprint, compute)
+
+
+def pixel_pool_factor(shape: tuple[int, int, int], max_dim: int) -> int:
+    """Smallest integer f >= 1 with C * ceil(H/f) * ceil(W/f) <= max_dim (at least 1x1 per channel)."""
+    c, h, w = shape
+    f = 1
+    while c * math.ceil(h / f) * math.ceil(w / f) > max_dim and (math.ceil(h / f) > 1 or math.ceil(w / f) > 1):
+        f += 1
+    return f
+
+
+def pixel_features(images: torch.Tensor, max_dim: int = 4096, batch_size: int = 4096) -> torch.Tensor:
+    """uint8 images [N, C, H, W] -> float32 [N, <= max_dim] raw pixels in [0, 1] (module docstring)."""
+    n, c, h, w = images.shape
+    f = pixel_pool_factor((c, h, w), max_dim)
+    size = (math.ceil(h / f), math.ceil(w / f))
+    out = []
+    for i in range(0, n, batch_size):
+        x = images[i:i + batch_size].float() / 255.0
+        if f > 1:
+            x = F.adaptive_avg_pool2d(x, size)
+        out.append(x.reshape(x.shape[0], -1))
+    return torch.cat(out) if out else torch.zeros(0, c * size[0] * size[1])

@@ -1,0 +1,388 @@
+"""Downstream probes of a frozen, exported encoder (DESIGN §3 "Evaluation", §4).
+
+`run_probes(cfg, encoder_path, shard_dir, cache_dir)` runs, in one call and through the same
+code for every model:
+
+- `linear`: linear head on the `cls` label (ImageNet linear-probe analogue);
+- `lowshot`: the same head on a class-balanced subset of the train labels (ImageNet-1%
+  analogue), several seeds, mean and std of test top-1;
+- `count` / `depth`: linear heads on the `count` and `depth` labels (Clevr/Count and
+  Clevr/Dist analogues); skipped, with the reason recorded, when the dataset lacks them;
+
+for the I-JEPA encoder (`ijepa`) and the baselines `random_init` (same architecture,
+initialised from `cfg.seed`) and `pixels` (raw pixels, see `ijepa.features.pixel_features`).
+Features: frozen encoder, average-pooled patch features of the last layer or the last 4
+layers concatenated (`ViTEncoder.features`), cached on disk (`ijepa.features`). Heads:
+`ijepa.linear` (BatchNorm without affine before the head by default; weight decay picked on
+the val split; top-1 reported on the test split).
+
+Low-shot sampling (`lowshot_indices`): per class, `max(1, floor(fraction * n_c + 0.5))`
+labels of the n_c train examples of that class, or exactly `lowshot_per_class`; drawn
+without replacement by a torch.Generator seeded with `cfg.seed + i` for seed i, so each
+seed is reproducible and the seeds differ; the same subsets are used for every model.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import torch
+
+from ijepa import features as feats_mod
+from ijepa.config import ConfigError, as_dict, from_mapping, require
+from ijepa.export import EncoderFileError, _resolve, file_sha256, load_encoder, read_encoder_info
+from ijepa.linear import LinearProbe, confusion_matrix, fit_linear_probe
+from ijepa.models import EncoderConfig, ViTEncoder
+
+__all__ = ["ProbeConfig", "ProbeError", "run_probes", "lowshot_indices", "lowshot_counts",
+           "check_encoder_matches_shards", "PROBES", "BASELINES"]
+
+log = logging.getLogger(__name__)
+
+PROBES = ("linear", "lowshot", "count", "depth")
+BASELINES = ("random_init", "pixels")
+_LABEL_OF = {"linear": "cls", "lowshot": "cls", "count": "count", "depth": "depth"}
+
+ProbeName = Literal["linear", "lowshot", "count", "depth"]
+BaselineName = Literal["random_init", "pixels"]
+
+
+class ProbeError(ValueError):
+    """Inputs of a probe run do not fit together (encoder vs shards, empty split, ...)."""
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """Probe parameters (conf/base/parameters_probe.yml, key `probe`)."""
+
+    n_last: int = 1                      # pooled features of the last layer (1) or last 4 layers concatenated (4)
+    batchnorm: bool = True               # BatchNorm without affine before the linear head (paper)
+    solver: Literal["lbfgs", "adam"] = "lbfgs"   # full-batch L-BFGS, or mini-batch Adam on the same objective
+    max_iter: int = 100                  # L-BFGS iterations per weight decay (warm-started along the grid)
+    epochs: int = 100                    # Adam epochs per weight decay
+    lr: float = 1e-3                     # Adam learning rate (cosine schedule)
+    batch_size: int = 1024               # Adam batch size
+    weight_decays: tuple[float, ...] = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # grid, chosen on val top-1
+    lowshot_fraction: float = 0.01       # labels per class = max(1, round(fraction * class count))
+    lowshot_per_class: int | None = None # or exactly this many per class (overrides the fraction)
+    lowshot_seeds: int = 3               # subsets drawn with seeds seed, seed+1, ...
+    probes: tuple[ProbeName, ...] = PROBES
+    baselines: tuple[BaselineName, ...] = BASELINES
+    pixel_max_dim: int = 4096            # raw-pixel baseline average-pooled to at most this many dims
+    feature_batch_size: int = 256
+    seed: int = 0                        # random-init baseline weights, low-shot subsets, Adam batch order
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+
+    def validate(self) -> None:
+        require(self.n_last in (1, 4), f"n_last must be 1 or 4, got {self.n_last}")
+        require(self.max_iter >= 1, f"max_iter must be >= 1, got {self.max_iter}")
+        require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        require(self.lr > 0, f"lr must be positive, got {self.lr}")
+        require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        require(len(self.weight_decays) >= 1, "weight_decays must list at least one value")
+        require(all(math.isfinite(v) and v >= 0 for v in self.weight_decays),
+                f"weight_decays must be finite and >= 0, got {list(self.weight_decays)}")
+        require(0.0 < self.lowshot_fraction <= 1.0, f"lowshot_fraction must be in (0, 1], got {self.lowshot_fraction}")
+        require(self.lowshot_per_class is None or self.lowshot_per_class >= 1,
+                f"lowshot_per_class must be >= 1 or null, got {self.lowshot_per_class}")
+        require(self.lowshot_seeds >= 1, f"lowshot_seeds must be >= 1, got {self.lowshot_seeds}")
+        require(len(self.probes) >= 1, "probes must list at least one of " + ", ".join(PROBES))
+        require(len(set(self.probes)) == len(self.probes), f"probes has duplicates: {list(self.probes)}")
+        require(len(set(self.baselines)) == len(self.baselines), f"baselines has duplicates: {list(self.baselines)}")
+        require(self.pixel_max_dim >= 1, f"pixel_max_dim must be >= 1, got {self.pixel_max_dim}")
+        require(self.feature_batch_size >= 1, f"feature_batch_size must be >= 1, got {self.feature_batch_size}")
+        require(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
+        splits = (self.train_split, self.val_split, self.test_split)
+        require(all(splits), f"split names must be non-empty, got {list(splits)}")
+        require(len(set(splits)) == 3, f"train/val/test splits must differ, got {list(splits)}")
+
+
+# ----------------------------------------------------------------------------- low-shot
+
+
+def lowshot_counts(labels: torch.Tensor, fraction: float | None = None,
+                   per_class: int | None = None) -> dict[int, int]:
+    """Labels to take per class: `per_class`, else max(1, floor(fraction * n_c + 0.5))."""
+    classes, counts = torch.unique(labels.long(), return_counts=True)
+    out = {}
+    for c, n in zip(classes.tolist(), counts.tolist()):
+        if per_class is not None:
+            if per_class > n:
+                raise ProbeError(f"lowshot_per_class={per_class} but class {c} has only {n} train examples")
+            out[c] = per_class
+        else:
+            if fraction is None:
+                raise ValueError("lowshot_counts needs fraction or per_class")
+            out[c] = min(n, max(1, math.floor(fraction * n + 0.5)))
+    return out
+
+
+def lowshot_indices(labels: torch.Tensor, seed: int, fraction: float | None = None,
+                    per_class: int | None = None) -> torch.Tensor:
+    """Sorted indices of a class-balanced subset of `labels` (module docstring); same seed, same subset."""
+    labels = labels.long()
+    gen = torch.Generator().manual_seed(int(seed))
+    picks = []
+    for c, k in sorted(lowshot_counts(labels, fraction, per_class).items()):
+        idx = torch.nonzero(labels == c, as_tuple=True)[0]
+        picks.append(idx[torch.randperm(idx.numel(), generator=gen)[:k]])
+    return torch.sort(torch.cat(picks)).values
+
+
+# ----------------------------------------------------------------------------- shards
+
+
+def _shape_from_manifest(manifest: Mapping[str, Any]) -> tuple[int | None, int | None, int | None]:
+    """(channels, height, width) recorded in a shard manifest (`image.{channels,height,width}`, else
+    the top-level `channels` / `image_size`); None where not recorded."""
+    image = manifest.get("image") if isinstance(manifest.get("image"), Mapping) else {}
+    size = manifest.get("image_size")
+
+    def num(*values: Any) -> int | None:
+        for v in values:
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                return int(v)
+        return None
+
+    return (num(image.get("channels"), manifest.get("channels")),
+            num(image.get("height"), size), num(image.get("width"), size))
+
+
+def check_encoder_matches_shards(enc: EncoderConfig, shape: tuple[int | None, int | None, int | None],
+                                 encoder_path: Any, shard_dir: Any) -> None:
+    """Raise ProbeError naming both values when the encoder cannot read the shard images."""
+    c, h, w = shape
+    g = enc.img_size // enc.patch_size
+    problems = []
+    if h is not None and w is not None and (h, w) != (enc.img_size, enc.img_size):
+        grid = f"{h / enc.patch_size:g}x{w / enc.patch_size:g}"
+        problems.append(f"image size {enc.img_size}x{enc.img_size} (patch grid {g}x{g} of {enc.patch_size}px "
+                        f"patches) vs shard image size {h}x{w} (patch grid {grid})")
+    if c is not None and c != enc.in_chans:
+        problems.append(f"channels {enc.in_chans} vs shard channels {c}")
+    if problems:
+        raise ProbeError(f"encoder {encoder_path} does not fit the shards in {shard_dir}: " + "; ".join(problems))
+
+
+@dataclass
+class _Split:
+    images: torch.Tensor          # uint8 [N, C, H, W]
+    labels: dict[str, torch.Tensor]
+
+
+def _check_splits(manifest: Mapping[str, Any], shard_dir: Path, cfg: ProbeConfig) -> None:
+    """Every split the probes need is in the manifest and non-empty (before any loading)."""
+    splits = manifest.get("splits") or {}
+    for name in (cfg.train_split, cfg.val_split, cfg.test_split):
+        if name not in splits:
+            raise ProbeError(f"split {name!r} not found in {shard_dir / 'manifest.json'} (has {sorted(splits)})")
+        n = splits[name].get("samples") if isinstance(splits[name], Mapping) else None
+        if n is not None and int(n) == 0:
+            raise ProbeError(f"split {name!r} of {shard_dir} is empty (0 samples); the probes need "
+                             f"non-empty {cfg.train_split}/{cfg.val_split}/{cfg.test_split} splits")
+
+
+def _load_shards(shard_dir: Path, cfg: ProbeConfig) -> dict[str, _Split]:
+    from ijepa.data.reader import load_split
+
+    splits = {}
+    for name in (cfg.train_split, cfg.val_split, cfg.test_split):
+        try:
+            images, labels = load_split(shard_dir, name, labels=True)
+        except KeyError as err:
+            raise ProbeError(f"split {name!r} not found in {shard_dir}: {err}") from None
+        if images.ndim != 4 or images.shape[0] == 0:
+            raise ProbeError(f"split {name!r} of {shard_dir} is empty (images {tuple(images.shape)})")
+        splits[name] = _Split(images, {k: torch.as_tensor(v).long() for k, v in (labels or {}).items()})
+    return splits
+
+
+def _num_classes(manifest: Mapping[str, Any], label: str, values: list[torch.Tensor]) -> int:
+    """The label schema's num_classes, or more if a value exceeds it."""
+    seen = max(int(v.max()) for v in values) + 1
+    entry = (manifest.get("labels") or {}).get(label) if isinstance(manifest.get("labels"), Mapping) else None
+    declared = entry.get("num_classes") if isinstance(entry, Mapping) else None
+    return max(seen, int(declared)) if isinstance(declared, int) and not isinstance(declared, bool) else seen
+
+
+def _class_names(manifest: Mapping[str, Any], label: str, n_classes: int) -> list[str]:
+    """Names of the label's values from the manifest's label schema (`labels.<label>.names`),
+    else '0', '1', ..."""
+    schema = manifest.get("labels")
+    entry = schema.get(label) if isinstance(schema, Mapping) else None
+    names = entry.get("names") if isinstance(entry, Mapping) else None
+    if isinstance(names, (list, tuple)) and len(names) >= n_classes and all(isinstance(x, str) for x in names):
+        return list(names)[:n_classes]
+    return [str(i) for i in range(n_classes)]
+
+
+# ----------------------------------------------------------------------------- run
+
+
+def _fit(cfg: ProbeConfig, tx: torch.Tensor, ty: torch.Tensor, vx: torch.Tensor, vy: torch.Tensor,
+         n_classes: int) -> LinearProbe:
+    return fit_linear_probe(tx, ty, vx, vy, n_classes, cfg.weight_decays, batchnorm=cfg.batchnorm,
+                            solver=cfg.solver, max_iter=cfg.max_iter, epochs=cfg.epochs, lr=cfg.lr,
+                            batch_size=cfg.batch_size, seed=cfg.seed)
+
+
+def _sample_std(values: list[float]) -> float:
+    return float(torch.tensor(values, dtype=torch.float64).std(unbiased=True)) if len(values) > 1 else 0.0
+
+
+def _random_encoder(enc_cfg: EncoderConfig, seed: int) -> ViTEncoder:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = ViTEncoder(enc_cfg)
+    return model.eval().requires_grad_(False)
+
+
+def run_probes(cfg: ProbeConfig | Mapping[str, Any] | None, encoder_path: str | Path, shard_dir: str | Path,
+               cache_dir: str | Path, *, device: str = "cpu",
+               progress: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Run the configured probes for the encoder and the baselines; see the module docstring.
+
+    Returns `(metrics, extras)`. `metrics` (JSON-ready, accuracies as fractions)::
+
+        {"encoder_sha256": str,
+         "probes": {"linear": {"ijepa": a, "random_init": a, "pixels": a, "n_labels": int},
+                    "lowshot": {"ijepa": mean, "ijepa_std": std, <baseline>, <baseline>_std, ...,
+                                "n_labels": int, "seeds": int},
+                    "count": {...as linear}, "depth": {...as linear}},
+         "skipped": {"count": "dataset has no count labels", ...}}
+
+    `extras`: {"confusion": [[int]] (ijepa linear probe on test, row = true class, column =
+    predicted), "class_names": [str], "details": per probe and model the chosen weight
+    decay and val top-1 per decay (low-shot: per seed), "feature_dims": {model: D},
+    "seconds": {stage: s}}; confusion/class_names are None when the linear probe did not run.
+
+    Raises ConfigError (bad cfg), EncoderFileError (missing/corrupt encoder, names the path),
+    ijepa.data.reader.ShardError (no/unreadable manifest, names the file), ProbeError
+    (encoder/shard shape mismatch naming both values, n_last > depth, missing or empty split).
+    """
+    cfg = from_mapping(ProbeConfig, cfg, "probe")
+    shard_dir = Path(shard_dir)
+    t_start = time.perf_counter()
+    seconds: dict[str, float] = {}
+
+    # Encoder: readable, hash-checked, and of the shards' shape -- before any real work.
+    weights, _ = _resolve(encoder_path)
+    info = read_encoder_info(encoder_path)
+    try:
+        enc_cfg = from_mapping(EncoderConfig, info.get("encoder"), where=f"{encoder_path}: encoder")
+    except ConfigError as err:
+        raise EncoderFileError(str(err)) from None
+    from ijepa.data.reader import load_manifest
+
+    manifest = load_manifest(shard_dir)  # ShardError / ManifestMissingError naming the file
+    check_encoder_matches_shards(enc_cfg, _shape_from_manifest(manifest), encoder_path, shard_dir)
+    if cfg.n_last > enc_cfg.depth:
+        raise ProbeError(f"n_last={cfg.n_last} but encoder {encoder_path} has only depth {enc_cfg.depth}")
+    _check_splits(manifest, shard_dir, cfg)
+    encoder = load_encoder(encoder_path)
+    sha = file_sha256(weights)
+
+    splits = _load_shards(shard_dir, cfg)
+    fingerprint = hashlib.sha256((shard_dir / "manifest.json").read_bytes()).hexdigest()
+    for name, split in splits.items():  # the decoded images are authoritative
+        c, h, w = split.images.shape[1:]
+        check_encoder_matches_shards(enc_cfg, (c, h, w), encoder_path, f"{shard_dir} (split {name})")
+    seconds["load"] = time.perf_counter() - t_start
+    order = (cfg.train_split, cfg.val_split, cfg.test_split)
+
+    tr, va, te = order
+
+    # Plan every probe -- labels present and valid, low-shot subsets drawn -- before any features.
+    plans: dict[str, tuple[dict[str, torch.Tensor], int]] = {}
+    skipped: dict[str, str] = {}
+    for probe in cfg.probes:
+        label = _LABEL_OF[probe]
+        if not all(label in splits[s].labels for s in order):
+            skipped[probe] = f"dataset has no {label} labels"
+            continue
+        ys = {s: splits[s].labels[label] for s in order}
+        for s in order:
+            if ys[s].shape[0] != splits[s].images.shape[0]:
+                raise ProbeError(f"split {s!r} of {shard_dir}: {ys[s].shape[0]} {label} labels "
+                                 f"for {splits[s].images.shape[0]} images")
+            if int(ys[s].min()) < 0:
+                raise ProbeError(f"split {s!r} of {shard_dir}: negative {label} label {int(ys[s].min())}")
+        plans[probe] = (ys, _num_classes(manifest, label, [ys[s] for s in order]))
+    seeds = [cfg.seed + i for i in range(cfg.lowshot_seeds)]
+    subsets = ([lowshot_indices(plans["lowshot"][0][tr], s, cfg.lowshot_fraction, cfg.lowshot_per_class)
+                for s in seeds] if "lowshot" in plans else [])
+
+    # Features per model and split (none when every probe was skipped).
+    t0 = time.perf_counter()
+    models: dict[str, tuple[torch.nn.Module | None, str | None]] = {"ijepa": (encoder, sha)}
+    if "random_init" in cfg.baselines:
+        rnd = _random_encoder(enc_cfg, cfg.seed)
+        models["random_init"] = (rnd, "random_init-" + feats_mod.state_sha256(rnd))
+    if "pixels" in cfg.baselines:
+        models["pixels"] = (None, None)
+    features: dict[str, dict[str, torch.Tensor]] = {}
+    for model_name, (module, key) in (models.items() if plans else ()):
+        features[model_name] = {}
+        for split_name in order:
+            images = splits[split_name].images
+            if module is None:
+                features[model_name][split_name] = feats_mod.pixel_features(images, cfg.pixel_max_dim)
+            else:
+                features[model_name][split_name] = feats_mod.encoder_features(
+                    module, key, images, split_name, n_last=cfg.n_last, cache_dir=cache_dir,
+                    data_fingerprint=fingerprint, batch_size=cfg.feature_batch_size, device=device,
+                    progress=progress, name=model_name)
+    seconds["features"] = time.perf_counter() - t0
+
+    probes: dict[str, dict[str, Any]] = {}
+    details: dict[str, Any] = {}
+    confusion = class_names = None
+    for probe, (ys, n_classes) in plans.items():
+        t0 = time.perf_counter()
+        row: dict[str, Any] = {}
+        details[probe] = {}
+        for model_name in models:
+            f = features[model_name]
+            t1 = time.perf_counter()
+            if probe == "lowshot":
+                accs, det = [], []
+                for s, idx in zip(seeds, subsets):
+                    head = _fit(cfg, f[tr][idx], ys[tr][idx], f[va], ys[va], n_classes)
+                    accs.append(head.top1(f[te], ys[te]))
+                    det.append({"seed": s, "weight_decay": head.weight_decay, "test_top1": accs[-1],
+                                "val_top1": {str(k): v for k, v in head.val_top1.items()}})
+                row[model_name] = float(sum(accs) / len(accs))
+                row[f"{model_name}_std"] = _sample_std(accs)
+                details[probe][model_name] = {"seeds": det, "seconds": round(time.perf_counter() - t1, 3)}
+            else:
+                head = _fit(cfg, f[tr], ys[tr], f[va], ys[va], n_classes)
+                pred = head.predict(f[te])
+                row[model_name] = float((pred == ys[te]).float().mean())
+                details[probe][model_name] = {"weight_decay": head.weight_decay,
+                                              "val_top1": {str(k): v for k, v in head.val_top1.items()},
+                                              "seconds": round(time.perf_counter() - t1, 3)}
+                if probe == "linear" and model_name == "ijepa":
+                    confusion = confusion_matrix(pred, ys[te], n_classes).tolist()
+                    class_names = _class_names(manifest, "cls", n_classes)
+        if probe == "lowshot":
+            row["n_labels"] = int(subsets[0].numel())
+            row["seeds"] = len(seeds)
+        else:
+            row["n_labels"] = int(ys[tr].shape[0])
+        probes[probe] = row
+        seconds[probe] = time.perf_counter() - t0
+        log.info("probe %s: %s", probe, row)
+
+    seconds["total"] = time.perf_counter() - t_start
+    metrics = {"encoder_sha256": sha, "probes": probes, "skipped": skipped}
+    extras = {"confusion": confusion, "class_names": class_names, "details": details,
+              "feature_dims": {m: int(f[tr].shape[1]) for m, f in features.items()},
+              "config": as_dict(cfg), "seconds": {k: round(v, 3) for k, v in seconds.items()}}
+    return metrics, extras
