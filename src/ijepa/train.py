@@ -40,7 +40,7 @@ import sys
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -68,6 +68,9 @@ log = logging.getLogger("ijepa.train")
 ENCODER_SUBDIR = "encoder"
 SUMMARY = "summary.json"
 FAILURE = "failure.json"
+
+
+CheckpointCallback = Callable[[int, nn.Module], None]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -309,8 +312,13 @@ class Pretrainer:
     """State and steps of one pretraining run in one process (one rank)."""
 
     def __init__(self, cfg: PretrainConfig, shards: ShardInfo, out_dir: str | Path, tracker: Tracker | None = None,
-                 loss_csv: str | Path | None = None, dist_info: DistInfo | None = None):
+                 loss_csv: str | Path | None = None, dist_info: DistInfo | None = None,
+                 on_checkpoint: "CheckpointCallback | None" = None):
         self.cfg = cfg
+        # Called on rank 0 as on_checkpoint(step, target_encoder) after each checkpoint of the
+        # loop (e.g. a val probe for Optuna's pruner); it runs under its own RNG fork, so it
+        # cannot change the training, and an exception it raises (optuna.TrialPruned) ends the run.
+        self.on_checkpoint = on_checkpoint
         self.shards = shards
         self.out_dir = Path(out_dir)
         self.dist = dist_info or DistInfo(device=pick_device(0, cfg.device))
@@ -613,8 +621,15 @@ class Pretrainer:
                     t0, n = time.perf_counter(), 0
                 if self.step % self.cfg.checkpoint_every == 0 or self.step == self.total_steps:
                     self.save_checkpoint()
+                    self._after_checkpoint()
         finally:
             bar.close()
+
+    def _after_checkpoint(self) -> None:
+        if self.on_checkpoint is None or not self.dist.is_main:
+            return
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            self.on_checkpoint(self.step, self.target_encoder)
 
     def export(self) -> Path:
         """The final TARGET encoder (rank 0)."""
@@ -701,7 +716,7 @@ def save_encoder_target(target_encoder: ViTEncoder, out: Path, metadata: dict[st
 # ------------------------------------------------------------------------------ entry points
 def train_worker(cfg: PretrainConfig, shard_dir: str | Path, out_dir: str | Path, tracker: Tracker | None = None,
                  loss_csv: str | Path | None = None, dist_info: DistInfo | None = None,
-                 verified: bool = False) -> dict[str, Any]:
+                 verified: bool = False, on_checkpoint: "CheckpointCallback | None" = None) -> dict[str, Any]:
     """The body of one process: checks, then trains, checkpoints and exports (rank 0).
 
     `verified`: the caller already checked the shards' sha256 (skip `data.verify`)."""
@@ -711,23 +726,27 @@ def train_worker(cfg: PretrainConfig, shard_dir: str | Path, out_dir: str | Path
                        str(shards.root / "manifest.json"))
     dist_info = dist_info or DistInfo(device=pick_device(0, cfg.device))
     with process_settings(cfg, dist_info):
-        return Pretrainer(cfg, shards, out_dir, tracker, loss_csv, dist_info).run()
+        return Pretrainer(cfg, shards, out_dir, tracker, loss_csv, dist_info, on_checkpoint=on_checkpoint).run()
 
 
 def run_pretraining(cfg: PretrainConfig | Mapping[str, Any], shard_dir: str | Path, out_dir: str | Path,
-                    tracker: Tracker | None = None, loss_csv: str | Path | None = None) -> dict[str, Any]:
+                    tracker: Tracker | None = None, loss_csv: str | Path | None = None,
+                    on_checkpoint: "CheckpointCallback | None" = None) -> dict[str, Any]:
     """Pretrain I-JEPA on the train split of `shard_dir`; outputs in `out_dir`.
 
     Resumes automatically from the newest checkpoint in ``out_dir/checkpoints`` (a config
     that contradicts it raises ResumeMismatchError); a finished run only re-exports.
     Returns the run summary (also written to ``out_dir/summary.json``).
+    `on_checkpoint(step, target_encoder)`: see `Pretrainer` (in-process runs only, nproc 1).
     """
     cfg = load_config(cfg)
     shards = read_shard_info(shard_dir, verify=cfg.data.verify)  # validate everything before any work
     check_against_data(cfg, shards.image_size, shards.channels, shards.train_samples,
                        str(shards.root / "manifest.json"))
     if cfg.nproc == 1:
-        return train_worker(cfg, shard_dir, out_dir, tracker, loss_csv, verified=True)
+        return train_worker(cfg, shard_dir, out_dir, tracker, loss_csv, verified=True, on_checkpoint=on_checkpoint)
+    if on_checkpoint is not None:
+        raise ConfigError(f"nproc: an on_checkpoint callback needs an in-process run (nproc 1), got nproc {cfg.nproc}")
     return launch_torchrun(cfg, shard_dir, out_dir, tracker, loss_csv)
 
 
