@@ -20,6 +20,9 @@ One iteration (`Pretrainer.train_step`):
   log      every log_every steps: loss, lr, wd, momentum, images/s, grad norm, collapse signals
   ckpt     every checkpoint_every steps and at the end (rank 0; atomic; last K kept)
 
+``method: mae`` runs the MAE baseline in this same trainer: `ijepa.mae.MaePretrainer` overrides
+the method hooks (build_modules, checkpoint_modules, eval_encoder, forward_loss, ema_update, export).
+
 With ``nenc > 1`` every context block is encoded (images repeated along the batch) and
 predicts every target block, as in the reference code; the loss averages over all pairs.
 
@@ -61,7 +64,8 @@ from ijepa.train_data import Augmenter, MemoryBatches, ShardInfo, StreamBatches,
 
 __all__ = ["PretrainConfig", "NonFiniteLossError", "ResumeMismatchError", "run_pretraining", "train_worker",
            "Pretrainer", "ContextPath", "param_groups", "build_optimizer", "build_schedules", "jepa_loss",
-           "ema_update_", "target_tokens", "forward_jepa", "load_config", "Fp32CoreAttention", "adapt_for_precision"]
+           "ema_update_", "target_tokens", "forward_jepa", "load_config", "Fp32CoreAttention", "adapt_for_precision",
+           "pretrainer_class"]
 
 log = logging.getLogger("ijepa.train")
 
@@ -272,6 +276,8 @@ def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     """Fields (dotted) whose values differ, ignoring RESUME_SAFE_FIELDS."""
     a, b = _flat(saved), _flat(current)
+    for key, default in _flat({"method": "ijepa", "mae": PretrainConfig().to_dict()["mae"]}).items():
+        a.setdefault(key, default)  # checkpoints from before the MAE baseline: I-JEPA, mae defaults
     diffs = []
     for key in sorted(set(a) | set(b)):
         if key in RESUME_SAFE_FIELDS:
@@ -345,20 +351,12 @@ class Pretrainer:
         self.model_cfg: ModelConfig = check_against_data(cfg, sh.image_size, sh.channels, sh.train_samples,
                                                          f"{sh.root / 'manifest.json'}")
         seed_everything(cfg.seed)
-        self.encoder = ViTEncoder(self.model_cfg.encoder).to(self.device)
-        self.predictor = Predictor(self.model_cfg.encoder, self.model_cfg.predictor).to(self.device)
-        self.target_encoder = ViTEncoder(self.model_cfg.encoder).to(self.device)
-        self.target_encoder.load_state_dict(self.encoder.state_dict())
-        self.target_encoder.requires_grad_(False).eval()
-        for module in (self.encoder, self.predictor, self.target_encoder):
-            adapt_for_precision(module, cfg.precision, self.device)
+        self.build_modules()
         # identical weights on every rank (above); from here on each rank has its own torch
         # stream (drop_path), rank 0's being the single-process one
         torch.manual_seed(derive_seed(cfg.seed, 303, self.dist.rank))
-        self.context_path = ContextPath(self.encoder, self.predictor)
         self.trained_params = [p for p in self.context_path.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(cfg, self.encoder, self.predictor)
-        self.mask_gen = MaskGenerator(cfg.masks, self.model_cfg.encoder.grid)
+        self.optimizer = build_optimizer(cfg, *self.context_path.children())
         self.global_batch = cfg.optimisation.batch_size
         self.local_batch = self.global_batch // self.dist.world_size
         self.data_mode = self._data_mode()
@@ -372,10 +370,36 @@ class Pretrainer:
         self.autocast = autocast_for(cfg.precision, self.device)
         self.ddp_module = wrap_ddp(self.context_path, self.dist)
         self.train_module: nn.Module = self.ddp_module
-        self.target_forward: nn.Module = self.target_encoder
+        self.target_forward: nn.Module | None = getattr(self, "target_encoder", None)
         if cfg.compile:
             self.train_module = torch.compile(self.ddp_module)
-            self.target_forward = torch.compile(self.target_encoder)
+            if self.target_forward is not None:
+                self.target_forward = torch.compile(self.target_forward)
+
+    # -- method hooks (ijepa.mae.MaePretrainer overrides them for the MAE baseline) ------
+    method_title = "I-JEPA"
+
+    def build_modules(self) -> None:
+        """The networks (same initial weights on every rank), `context_path` (the trained
+        module; the optimizer gets its children), and `mask_gen` (batch, generator) -> Masks."""
+        enc = self.model_cfg.encoder
+        self.encoder = ViTEncoder(enc).to(self.device)
+        self.predictor = Predictor(enc, self.model_cfg.predictor).to(self.device)
+        self.target_encoder = ViTEncoder(enc).to(self.device)
+        self.target_encoder.load_state_dict(self.encoder.state_dict())
+        self.target_encoder.requires_grad_(False).eval()
+        for module in (self.encoder, self.predictor, self.target_encoder):
+            adapt_for_precision(module, self.cfg.precision, self.device)
+        self.context_path = ContextPath(self.encoder, self.predictor)
+        self.mask_gen = MaskGenerator(self.cfg.masks, enc.grid)
+
+    def checkpoint_modules(self) -> dict[str, nn.Module]:
+        """Modules saved in (and restored from) checkpoints, by state-dict key."""
+        return {"encoder": self.encoder, "predictor": self.predictor, "target_encoder": self.target_encoder}
+
+    def eval_encoder(self) -> ViTEncoder:
+        """The encoder that is exported and evaluated: the EMA target encoder."""
+        return self.target_encoder
 
     def _data_mode(self) -> str:
         d = self.cfg.data
@@ -402,8 +426,9 @@ class Pretrainer:
                 "local_batch": self.local_batch, "world_size": self.dist.world_size,
                 "data_mode": self.data_mode, "precision": resolve_precision(self.cfg.precision, self.device),
                 "device": str(self.device), "dataset": self.shards.dataset,
-                "manifest_sha256": self.shards.manifest_sha256,
-                "encoder_params": count_params(self.encoder), "predictor_params": count_params(self.predictor)}
+                "manifest_sha256": self.shards.manifest_sha256, "method": self.cfg.method,
+                **{f"{k}_params": count_params(m) for k, m in self.checkpoint_modules().items()
+                   if k != "target_encoder"}}
 
     # -- checkpoint ----------------------------------------------------------------------
     def _rng_states(self) -> list[dict[str, Any]]:
@@ -422,8 +447,8 @@ class Pretrainer:
         rng = rng if rng is not None else self._rng_states()
         return {
             "step": self.step, "epoch": epoch, "total_steps": self.total_steps,
-            "encoder": self.encoder.state_dict(), "predictor": self.predictor.state_dict(),
-            "target_encoder": self.target_encoder.state_dict(), "optimizer": self.optimizer.state_dict(),
+            **{k: m.state_dict() for k, m in self.checkpoint_modules().items()},
+            "optimizer": self.optimizer.state_dict(),
             "schedules": self.schedules.state_dict(), "rng": rng[0], "rng_per_rank": rng,
             "data": {"mode": self.data_mode, "epoch": epoch, "batch": batch, "steps_per_epoch": self.steps_per_epoch,
                      "global_batch": self.global_batch, "world_size": self.dist.world_size, "seed": self.cfg.seed},
@@ -451,9 +476,8 @@ class Pretrainer:
             return False
         path, state = found
         self.check_resume_compatible(path, state)
-        self.encoder.load_state_dict(state["encoder"])
-        self.predictor.load_state_dict(state["predictor"])
-        self.target_encoder.load_state_dict(state["target_encoder"])
+        for key, module in self.checkpoint_modules().items():
+            module.load_state_dict(state[key])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedules.load_state_dict(state["schedules"])
         self.history.load_state_dict(state["history"])
@@ -607,8 +631,7 @@ class Pretrainer:
 
         bar = tqdm(total=self.total_steps, initial=self.step, desc="pretrain", unit="step", dynamic_ncols=True,
                    disable=not (self.dist.is_main and self.cfg.progress), file=sys.stderr)
-        self.encoder.train()
-        self.predictor.train()
+        self.context_path.train()  # the trained modules (the target encoder stays in eval mode)
         try:
             t0, n = time.perf_counter(), 0
             for step in range(self.step, self.total_steps):
@@ -629,7 +652,7 @@ class Pretrainer:
         if self.on_checkpoint is None or not self.dist.is_main:
             return
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            self.on_checkpoint(self.step, self.target_encoder)
+            self.on_checkpoint(self.step, self.eval_encoder())
 
     def export(self) -> Path:
         """The final TARGET encoder (rank 0)."""
@@ -653,7 +676,7 @@ class Pretrainer:
             png = self.out_dir / "loss.png"
             from ijepa.viz.training import save_loss_curve_png
 
-            save_loss_curve_png(self.history, png, title=f"I-JEPA pretraining: {self.shards.dataset}")
+            save_loss_curve_png(self.history, png, title=f"{self.method_title} pretraining: {self.shards.dataset}")
             summary = {
                 "status": "finished", "steps": self.step, "total_steps": self.total_steps,
                 "epochs": self.step / self.steps_per_epoch, "final_loss": self.final_loss(),
@@ -726,13 +749,24 @@ def train_worker(cfg: PretrainConfig, shard_dir: str | Path, out_dir: str | Path
                        str(shards.root / "manifest.json"))
     dist_info = dist_info or DistInfo(device=pick_device(0, cfg.device))
     with process_settings(cfg, dist_info):
-        return Pretrainer(cfg, shards, out_dir, tracker, loss_csv, dist_info, on_checkpoint=on_checkpoint).run()
+        return pretrainer_class(cfg)(cfg, shards, out_dir, tracker, loss_csv, dist_info,
+                                     on_checkpoint=on_checkpoint).run()
+
+
+def pretrainer_class(cfg: PretrainConfig) -> type[Pretrainer]:
+    """`Pretrainer` for method "ijepa", `ijepa.mae.MaePretrainer` for "mae" (the MAE baseline)."""
+    if cfg.method == "mae":
+        from ijepa.mae import MaePretrainer
+
+        return MaePretrainer
+    return Pretrainer
 
 
 def run_pretraining(cfg: PretrainConfig | Mapping[str, Any], shard_dir: str | Path, out_dir: str | Path,
                     tracker: Tracker | None = None, loss_csv: str | Path | None = None,
                     on_checkpoint: "CheckpointCallback | None" = None) -> dict[str, Any]:
-    """Pretrain I-JEPA on the train split of `shard_dir`; outputs in `out_dir`.
+    """Pretrain I-JEPA (or the MAE baseline: ``method: mae``, `ijepa.mae`) on the train split
+    of `shard_dir`; outputs in `out_dir`.
 
     Resumes automatically from the newest checkpoint in ``out_dir/checkpoints`` (a config
     that contradicts it raises ResumeMismatchError); a finished run only re-exports.

@@ -16,7 +16,7 @@ from ijepa.masks import MaskConfig, MaskGenerator
 from ijepa.models import PRESETS, ModelConfig
 
 __all__ = ["EncoderOverrides", "PredictorOverrides", "ModelSection", "OptimConfig", "AugmentConfig",
-           "DataConfig", "CollapseConfig", "PretrainConfig", "resolve_model", "check_against_data",
+           "DataConfig", "CollapseConfig", "MaeSection", "PretrainConfig", "resolve_model", "check_against_data",
            "RESUME_SAFE_FIELDS"]
 
 
@@ -143,7 +143,32 @@ class CollapseConfig:
 
 
 @dataclass(frozen=True)
+class MaeSection:
+    """The MAE baseline (``method: mae``, `ijepa.mae`): share of patches masked per image
+    (MAE: 0.75), the light pixel decoder's shape (defaults = the tiny preset's predictor),
+    and per-patch normalised pixel targets (MAE's default)."""
+
+    mask_ratio: float = 0.75
+    decoder_dim: int = 96
+    decoder_depth: int = 4
+    decoder_heads: int = 3
+    decoder_mlp_ratio: float = 4.0
+    norm_pix_loss: bool = True
+
+    def validate(self) -> None:
+        require(0.0 < self.mask_ratio < 1.0, f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        for name in ("decoder_dim", "decoder_depth", "decoder_heads"):
+            require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        require(self.decoder_dim % self.decoder_heads == 0,
+                f"decoder_dim {self.decoder_dim} is not divisible by decoder_heads {self.decoder_heads}")
+        require(self.decoder_dim % 4 == 0, f"decoder_dim {self.decoder_dim} must be divisible by 4 (2-D sin-cos)")
+        require(self.decoder_mlp_ratio > 0, f"decoder_mlp_ratio must be positive, got {self.decoder_mlp_ratio}")
+
+
+@dataclass(frozen=True)
 class PretrainConfig:
+    # "ijepa" (default) or "mae" (the MAE baseline, ijepa.mae: same encoder, same trainer)
+    method: Literal["ijepa", "mae"] = "ijepa"
     model: ModelSection = field(default_factory=ModelSection)
     masks: MaskConfig = field(default_factory=MaskConfig)
     optimisation: OptimConfig = field(default_factory=OptimConfig)
@@ -151,6 +176,7 @@ class PretrainConfig:
     augmentation: AugmentConfig = field(default_factory=AugmentConfig)
     data: DataConfig = field(default_factory=DataConfig)
     collapse: CollapseConfig = field(default_factory=CollapseConfig)
+    mae: MaeSection = field(default_factory=MaeSection)  # used by method "mae" only
     # "auto": bf16 autocast on CUDA, fp32 on CPU; "bf16": bf16 autocast on CPU too (~2x faster)
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     compile: bool = False
@@ -217,10 +243,17 @@ def check_against_data(cfg: PretrainConfig, image_size: int, in_chans: int, trai
                        source: str = "the shard manifest") -> ModelConfig:
     """Every check that needs the data: patch size, model shape, masks on the grid, batch."""
     model = resolve_model(cfg, image_size, in_chans, source)
-    try:
-        MaskGenerator(cfg.masks, model.encoder.grid)
-    except ConfigError as err:
-        raise ConfigError(f"masks: {err}") from None
+    if cfg.method == "mae":
+        n = model.encoder.num_patches
+        keep = int(n * (1.0 - cfg.mae.mask_ratio))
+        require(1 <= keep < n, f"mae.mask_ratio: {cfg.mae.mask_ratio} on the {model.encoder.grid[0]}x"
+                               f"{model.encoder.grid[1]} patch grid leaves {keep} of {n} patches visible; "
+                               f"at least 1 must be visible and 1 masked")
+    else:
+        try:
+            MaskGenerator(cfg.masks, model.encoder.grid)
+        except ConfigError as err:
+            raise ConfigError(f"masks: {err}") from None
     require(train_samples >= cfg.optimisation.batch_size,
             f"optimisation.batch_size: {cfg.optimisation.batch_size} is larger than the train split "
             f"({train_samples} images in {source})")
