@@ -68,11 +68,8 @@ class EncoderDataset(AbstractDataset[Any, Path]):
         self._path = Path(path)
 
     def _load(self) -> Path:
-        from ijepa.export import CONFIG, WEIGHTS, EncoderFileError
-
-        for name in (WEIGHTS, CONFIG):
-            if not (self._path / name).is_file():
-                raise EncoderFileError(f"encoder file missing: {self._path / name}")
+        # ijepa.load_encoder / run_probes check the files and name the path when they are bad;
+        # probes may also be pointed at another encoder, so this one need not exist.
         return self._path
 
     def _save(self, data: Any) -> None:
@@ -84,3 +81,56 @@ class EncoderDataset(AbstractDataset[Any, Path]):
 
     def _describe(self) -> dict[str, Any]:
         return {"path": str(self._path)}
+
+
+class AtomicJSONDataset(AbstractDataset[Any, Any]):
+    """A JSON file written atomically (temp + rename): metrics files DVC reads stay whole."""
+
+    def __init__(self, filepath: str, indent: int = 2):
+        self._filepath = Path(filepath)
+        self._indent = indent
+
+    def _load(self) -> Any:
+        import json
+
+        return json.loads(self._filepath.read_text())
+
+    def _save(self, data: Any) -> None:
+        from ijepa import atomic
+
+        atomic.write_json(self._filepath, data)
+
+    def _exists(self) -> bool:
+        return self._filepath.is_file()
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": str(self._filepath)}
+
+
+class FigureDataset(AbstractDataset[Any, Any]):
+    """A matplotlib figure saved as PNG atomically, then closed (save-only)."""
+
+    def __init__(self, filepath: str, dpi: int = 110):
+        self._filepath = Path(filepath)
+        self._dpi = dpi
+
+    def _load(self) -> Any:
+        raise DatasetError(f"{self._filepath}: FigureDataset is save-only")
+
+    def _save(self, fig: Any) -> None:
+        import io
+
+        import matplotlib.pyplot as plt
+
+        from ijepa import atomic
+
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=self._dpi, bbox_inches="tight")
+        plt.close(fig)
+        atomic.write_bytes(self._filepath, buf.getvalue())
+
+    def _exists(self) -> bool:
+        return self._filepath.is_file()
+
+    def _describe(self) -> dict[str, Any]:
+        return {"filepath": str(self._filepath), "dpi": self._dpi}

@@ -30,6 +30,11 @@ def git_commit(root: Path) -> tuple[str, bool]:
 
 
 class LineageHooks:
+    @hook_impl
+    def after_context_created(self) -> None:
+        # CPU / memory of every stage run (MLflow samples them in a thread while the run is open).
+        os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "true")
+
     def __init__(self) -> None:
         self._tags: dict[str, str] = {}
         self._tagged = False

@@ -72,7 +72,9 @@ def plot_masks(images: Any, masks: Any, n: int = 4, dim: float = 0.7,
         img = _to_hwc01(imgs[i])
         # context: dim every patch outside the (union of the) context lists
         keep = np.zeros(gh * gw, dtype=bool)
-        keep[ctx[:, i].reshape(-1)] = True
+        valid = getattr(masks, "context_valid", None)
+        kept = ctx[:, i] if valid is None else ctx[:, i][_as_numpy(valid)[:, i].astype(bool)]
+        keep[kept.reshape(-1)] = True  # padding ("pad" policy) is not context
         shade = np.zeros((gh, gw, 4), dtype=np.float32)
         shade[..., 3] = np.where(keep.reshape(gh, gw), 0.0, dim)
         ax = axes[0, i]
@@ -81,8 +83,11 @@ def plot_masks(images: Any, masks: Any, n: int = 4, dim: float = 0.7,
         for r, c in zip(*np.nonzero(keep.reshape(gh, gw))):
             ax.add_patch(Rectangle((c, r), 1, 1, fill=False, edgecolor="#ffd400", lw=0.4, alpha=0.6))
         counts = getattr(masks, "context_counts", None)
-        full = f", {int(_as_numpy(counts)[:, i].min())} before cut" if counts is not None else ""
-        ax.set_title(f"context {ctx.shape[-1]}/{gh * gw}{full}", fontsize=8)
+        if valid is not None:  # every context patch kept, lists padded to the batch's longest
+            ax.set_title(f"context {int(keep.sum())}/{gh * gw} (padded to {ctx.shape[-1]})", fontsize=8)
+        else:
+            full = f", {int(_as_numpy(counts)[:, i].min())} before cut" if counts is not None else ""
+            ax.set_title(f"context {ctx.shape[-1]}/{gh * gw}{full}", fontsize=8)
         # targets: one colour per block
         ax = axes[1, i]
         ax.imshow(img * (1.0 - 0.35 * dim), extent=extent, interpolation="nearest")

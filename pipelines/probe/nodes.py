@@ -1,0 +1,44 @@
+"""Probe stage: linear / low-shot / count / depth on the frozen target encoder (ijepa.probes)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import mlflow
+
+from ijepa.probes import run_probes
+from ijepa.viz.probes import plot_confusion, plot_probe_bars
+from ijepa_kedro.params import for_dataset
+
+
+def probe(params: dict[str, Any], dataset: str, encoder: Path, shards: Path, cache: Path
+          ) -> tuple[dict, dict, list, dict, Any, Any]:
+    cfg = for_dataset({k: v for k, v in params.items() if k != "encoder_path"}, dataset, "probe")
+    # A user may point the probes at any exported encoder instead of this dataset's own.
+    encoder_path = Path(params.get("encoder_path") or encoder)
+    metrics, extras = run_probes(cfg, encoder_path, shards, cache)
+    metrics["probes"] = {name: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
+                         for name, row in metrics["probes"].items()}
+    mlflow.set_tags({"input.encoder_sha256": metrics["encoder_sha256"], "input.encoder_path": str(encoder_path)})
+    table, flat = [], {}
+    for name, row in metrics["probes"].items():
+        for model, value in row.items():
+            if model in ("n_labels", "seeds") or model.endswith("_std"):
+                continue
+            table.append({"probe": name, "model": model, "top1": round(value, 4),
+                          "std": round(row.get(f"{model}_std", 0.0), 4)})
+            flat[f"{name}.{model}"] = {"value": value, "step": 0}
+            if f"{model}_std" in row:
+                flat[f"{name}.{model}_std"] = {"value": row[f"{model}_std"], "step": 0}
+    for name, reason in metrics["skipped"].items():
+        mlflow.set_tag(f"skipped.{name}", reason)
+    bars = plot_probe_bars(metrics, title=f"{dataset}: test top-1, I-JEPA vs baselines")
+    if extras.get("confusion") is not None:
+        confusion = plot_confusion(extras["confusion"], extras.get("class_names"))
+    else:  # no linear probe ran: an explicit empty figure rather than a missing artefact
+        import matplotlib.pyplot as plt
+
+        confusion, ax = plt.subplots(figsize=(3, 1))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "linear probe skipped", ha="center")
+    return metrics, extras, table, flat, bars, confusion
