@@ -1,0 +1,1 @@
+"""Tune stage: Optuna search of the mask ratios (opt-in: `make tune`)."""
