@@ -133,6 +133,7 @@ class PruneTrial(optuna.pruners.BasePruner):
         return trial.number == self.number
 
 
+@pytest.mark.filterwarnings("ignore:Fixed parameter:UserWarning")
 def test_tiny_study_failed_and_pruned_trials_mlflow_children_and_continue(tmp_path, shards, mlflow_uri, monkeypatch):
     from mlflow.tracking import MlflowClient
 
@@ -179,6 +180,7 @@ def test_tiny_study_failed_and_pruned_trials_mlflow_children_and_continue(tmp_pa
     assert again["n_trials"] == 5 and again["trials_added"] == 1 and again["parent_run_id"] is None
 
 
+@pytest.mark.slow
 def test_two_worker_processes_share_one_storage(tmp_path, shards, mlflow_uri):
     from mlflow.tracking import MlflowClient
 

@@ -247,8 +247,8 @@ def redact(url: str) -> str:
 
 
 def storage_for(url: str):
-    """An Optuna RDBStorage; sqlite files get their folder and a long lock timeout (several
-    processes write to one file), other URLs are used as given."""
+    """An Optuna RDBStorage with heartbeats; sqlite files get their folder and a long lock
+    timeout (several processes write to one file), other URLs are used as given."""
     import optuna
 
     engine_kwargs: dict[str, Any] = {}
@@ -257,7 +257,12 @@ def storage_for(url: str):
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         engine_kwargs = {"connect_args": {"timeout": 300}}
-    return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs or None)
+    # Heartbeats: a trial whose worker died (killed, machine lost) is marked FAIL by the next
+    # worker that starts a trial, instead of staying RUNNING forever.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs or None, heartbeat_interval=60,
+                                          grace_period=300)
 
 
 def _pruner(cfg: TuneConfig):
