@@ -249,17 +249,22 @@ def _peak_rss_mb(field: str = "VmHWM") -> float:
 
 
 def run(img_size: int = 28, in_chans: int = 1, patch_size: int = 4, batch_size: int = 64, preset: str = "tiny",
-        steps: int = 8, warmup: int = 2, min_keep: int = 4, seed: int = 0, matmul_n: int = 2048) -> dict:
-    """Median images/s of our step (fp32 and bf16) and of the naive step (fp32), side by side."""
+        steps: int = 8, warmup: int = 2, min_keep: int = 4, seed: int = 0, matmul_n: int = 2048,
+        encoder_overrides: dict | None = None, predictor_overrides: dict | None = None) -> dict:
+    """Median images/s of our step (fp32 and bf16) and of the naive step (fp32), side by side.
+
+    `encoder_overrides` / `predictor_overrides`: fields of the preset's shapes to change (smoke runs)."""
     cfg = load_config({"model": {"preset": preset, "patch_size": patch_size}, "masks": {"min_keep": min_keep},
                        "optimisation": {"batch_size": batch_size}, "seed": seed})
     base = PRESETS[preset]
-    enc_cfg = replace(base.encoder, img_size=img_size, in_chans=in_chans, patch_size=patch_size)
+    enc_cfg = replace(base.encoder, img_size=img_size, in_chans=in_chans, patch_size=patch_size,
+                      **(encoder_overrides or {}))
+    pred_cfg = replace(base.predictor, **(predictor_overrides or {}))
     g = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (batch_size, in_chans, img_size, img_size), dtype=torch.uint8, generator=g)
-    runs = {"ours": Step(cfg, enc_cfg, base.predictor, images, "fp32", naive=False, seed=seed),
-            "ours_bf16": Step(cfg, enc_cfg, base.predictor, images, "bf16", naive=False, seed=seed),
-            "naive": Step(cfg, enc_cfg, base.predictor, images, "fp32", naive=True, seed=seed)}
+    runs = {"ours": Step(cfg, enc_cfg, pred_cfg, images, "fp32", naive=False, seed=seed),
+            "ours_bf16": Step(cfg, enc_cfg, pred_cfg, images, "bf16", naive=False, seed=seed),
+            "naive": Step(cfg, enc_cfg, pred_cfg, images, "fp32", naive=True, seed=seed)}
     for step in runs.values():
         for _ in range(warmup):
             step()

@@ -1,0 +1,329 @@
+"""Run the benchmarks (`make bench`) and record them: benchmarks/results.json + benchmarks/RESULTS.md.
+
+Sections (``--only`` takes a comma list; "speed" = every section but quality):
+
+  train_step  bench_train_step: our train step vs a naive one (img/s, ratio), model GFLOP/s vs
+              this machine's fp32 matmul rate (flop_fraction), peak memory
+  masks       bench_masks: vectorised MaskGenerator vs the per-image loop collator, batch 256
+  loader      bench_loader: decoding shards (img/s) vs what the train step consumes
+  shard       bench_shard: sharding img/s per source
+  gpu         bench_gpu: bf16 + fused attention train step and model FLOP utilisation on CUDA;
+              "not measured" without a CUDA device
+  quality     bench_quality: I-JEPA vs MAE vs random init vs pixels at equal wall-clock budget
+
+Figures are medians over ``--repeats`` whole runs of a section (each benchmark also takes
+medians over its own interleaved repeats); `spread` gives [min, max] over the repeats.
+Speed comparisons are ratios measured side by side in one process, since the machine is
+shared. Each run MERGES its sections into an existing results.json (so speed and quality can
+be run separately), written atomically, then RESULTS.md is re-rendered from it.
+
+    python benchmarks/run_all.py                      # everything (quality: 20 min per method per dataset)
+    python benchmarks/run_all.py --only speed         # the speed sections (a few minutes)
+    python benchmarks/run_all.py --only quality --budget-s 1200 --seeds 1
+    python benchmarks/run_all.py --quick              # smoke run: tiny sizes, 1 repeat
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+SPEED = ("train_step", "masks", "loader", "shard", "gpu")
+SECTIONS = SPEED + ("quality",)
+TARGETS = {"train_step.ratio": 1.5, "train_step.flop_fraction": 0.6, "masks.ratio": 10.0, "loader.ratio": 5.0}
+
+
+# --------------------------------------------------------------------------------- machine
+def machine_info() -> dict:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem_gb = None
+    try:
+        mem_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 30, 1)
+    except (ValueError, OSError, AttributeError):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "memory_gb": mem_gb,
+            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "loadavg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None}
+
+
+# ------------------------------------------------------------------------------ repeating
+def repeat_median(fn: Callable[[], dict], repeats: int) -> dict:
+    """Run `fn` `repeats` times; numbers -> median, with spread [min, max] and the raw values."""
+    runs = [fn() for _ in range(repeats)]
+    out: dict[str, Any] = {}
+    spread: dict[str, list[float]] = {}
+    for key, first in runs[0].items():
+        vals = [r.get(key) for r in runs]
+        if isinstance(first, (int, float)) and not isinstance(first, bool) and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+            med = statistics.median(vals)
+            out[key] = round(med, 4) if isinstance(med, float) else med
+            if repeats > 1 and min(vals) != max(vals):
+                spread[key] = [min(vals), max(vals)]
+        else:
+            out[key] = first
+    out["repeats"] = repeats
+    if spread:
+        out["spread"] = spread
+    return out
+
+
+# ------------------------------------------------------------------------------- sections
+def section_train_step(quick: bool, repeats: int) -> dict:
+    import bench_train_step
+
+    if quick:
+        kw = dict(img_size=16, in_chans=1, patch_size=4, batch_size=8, steps=2, warmup=1, min_keep=2, matmul_n=256,
+                  encoder_overrides={"embed_dim": 32, "depth": 2, "num_heads": 2},
+                  predictor_overrides={"embed_dim": 16, "depth": 1, "num_heads": 2})
+    else:
+        kw = dict(batch_size=128, min_keep=10, steps=10, warmup=2)  # the default job's batch and min_keep
+    return repeat_median(lambda: bench_train_step.run(**kw), repeats)
+
+
+def section_masks(quick: bool, repeats: int) -> dict:
+    import bench_masks
+
+    kw = dict(batch_size=32, repeats=3) if quick else dict(batch_size=256, repeats=20)
+    return repeat_median(lambda: bench_masks.run(**kw), repeats)
+
+
+def section_loader(quick: bool, repeats: int, consumption: float | None) -> dict:
+    import bench_loader
+
+    kw = dict(n=256, repeats=1, batch_size=32) if quick else dict(n=10000, repeats=3)
+    return bench_loader.run(train_consumption_img_s=consumption, **kw) if consumption else \
+        bench_loader.run(**kw)
+
+
+def section_shard(quick: bool, repeats: int) -> dict:
+    import bench_shard
+
+    return bench_shard.run(60, 300, 10) if quick else bench_shard.run()
+
+
+def section_gpu(quick: bool, repeats: int) -> dict:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"measured": False, "note": "not measured: no CUDA device on this machine"}
+    import bench_gpu
+
+    return bench_gpu.run(quick=quick)
+
+
+def section_quality(quick: bool, budget_s: float, seeds: int, datasets: tuple[str, ...], work: str) -> dict:
+    import bench_quality
+
+    return bench_quality.run(datasets, budget_s=budget_s, seeds=seeds, quick=quick, work=work)
+
+
+# ---------------------------------------------------------------------------------- output
+def _fmt(v: Any, digits: int = 1) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:,.{digits}f}"
+    return str(v)
+
+
+def _spread(sec: Mapping[str, Any], key: str, digits: int = 1) -> str:
+    s = (sec.get("spread") or {}).get(key)
+    return f"{_fmt(float(s[0]), digits)} – {_fmt(float(s[1]), digits)}" if s else ""
+
+
+def _met(value: Any, target: float) -> str:
+    if not isinstance(value, (int, float)):
+        return "–"
+    return "**yes**" if value >= target else "**no**"
+
+
+def render_markdown(res: Mapping[str, Any]) -> str:
+    m = res.get("machine", {})
+    lines = ["# Benchmark results", "",
+             "Written by `make bench` (`benchmarks/run_all.py`) from `benchmarks/results.json`; do not edit by hand.",
+             "Figures are medians over repeats (spread = min – max over repeats); speed ratios are measured side by",
+             "side in one process because the machine is shared and noisy.", "",
+             "## Machine", "", "| | |", "|---|---|",
+             f"| CPU | {m.get('cpu', '?')} |", f"| cores | {m.get('cores', '?')} (torch threads {m.get('torch_threads', '?')}) |",
+             f"| memory | {_fmt(m.get('memory_gb'))} GB |", f"| torch | {m.get('torch', '?')} |",
+             f"| python | {m.get('python', '?')} |", f"| GPU | {m.get('cuda') or 'none'} |",
+             f"| date (last run) | {m.get('date', '?')} |", f"| load average at start | {_fmt(m.get('loadavg_1m'), 2)} |", ""]
+    ts, mk, ld, sh = (res.get(k) for k in ("train_step", "masks", "loader", "shard"))
+    if ts or mk or ld:
+        lines += ["## Speed", "", "| benchmark | ours | baseline | ratio (spread) | target | met |",
+                  "|---|---|---|---|---|---|"]
+        if ts:
+            c = ts.get("config", {})
+            lines.append(f"| train step, img/s (preset {c.get('preset')}, {c.get('img_size')} px, batch "
+                         f"{c.get('batch_size')}, fp32) | {_fmt(ts.get('ours_img_s'))} | naive "
+                         f"{_fmt(ts.get('naive_img_s'))} | {_fmt(ts.get('ratio'), 2)} ({_spread(ts, 'ratio', 2)}) "
+                         f"| ≥ 1.5 | {_met(ts.get('ratio'), 1.5)} |")
+            lines.append(f"| model GFLOP/s (enc + target + predictor, fwd + bwd, fp32) | "
+                         f"{_fmt(ts.get('model_gflop_s'))} | fp32 matmul {_fmt(ts.get('matmul_gflop_s'))} | "
+                         f"{_fmt(ts.get('flop_fraction'), 3)} ({_spread(ts, 'flop_fraction', 3)}) | ≥ 0.6 | "
+                         f"{_met(ts.get('flop_fraction'), 0.6)} |")
+            lines.append(f"| train step bf16 autocast, img/s | {_fmt(ts.get('ours_bf16_img_s'))} | our fp32 "
+                         f"{_fmt(ts.get('ours_img_s'))} | {_fmt(ts.get('bf16_speedup'), 2)} | – | – |")
+        if mk:
+            lines.append(f"| mask collator, img/s (batch {mk.get('batch_size')}, grid {mk.get('grid')}) | "
+                         f"{_fmt(mk.get('ours_img_s'))} | loop {_fmt(mk.get('loop_img_s'))} | "
+                         f"{_fmt(mk.get('ratio'), 1)} ({_spread(mk, 'ratio', 1)}) | ≥ 10 | {_met(mk.get('ratio'), 10)} |")
+        if ld:
+            lines.append(f"| loader: shard decoding img/s ({ld.get('config', {}).get('source')}, 1 process) vs "
+                         f"train-step consumption | {_fmt(ld.get('img_s'))} | train step "
+                         f"{_fmt(ld.get('train_consumption_img_s'))} | {_fmt(ld.get('ratio'), 2)} | ≥ 5 | "
+                         f"{_met(ld.get('ratio'), 5)} |")
+        if ts:
+            lines += ["", f"Peak memory of the train step: {_fmt(ts.get('peak_mem_mb'))} MB "
+                          f"({ts.get('peak_mem_note', '')}).", ""]
+    if sh:
+        lines += ["### Sharding (images/s, one process)", "", "| source | wall img/s | CPU-time img/s | images |",
+                  "|---|---|---|---|"]
+        for src in ("scenes", "fashion_mnist", "imagefolder"):
+            if f"{src}_img_s" in sh:
+                lines.append(f"| {src} | {_fmt(sh.get(f'{src}_img_s'))} | {_fmt(sh.get(f'{src}_cpu_img_s'))} | "
+                             f"{_fmt(sh.get(f'{src}_n'))} |")
+        lines.append("")
+    gpu = res.get("gpu")
+    lines += ["### GPU", ""]
+    if not gpu or not gpu.get("measured", True):
+        lines += [f"{(gpu or {}).get('note', 'not measured')}.", ""]
+    else:
+        lines += ["| device | img/s (bf16, fused attention) | model TFLOP/s | bf16 matmul TFLOP/s | utilisation |",
+                  "|---|---|---|---|---|",
+                  f"| {gpu.get('device')} | {_fmt(gpu.get('img_s'))} | {_fmt(gpu.get('model_tflop_s'), 1)} | "
+                  f"{_fmt(gpu.get('matmul_tflop_s'), 1)} | {_fmt(gpu.get('flop_fraction'), 3)} |", ""]
+    q = res.get("quality")
+    if q:
+        lines += ["## Quality at equal compute", ""]
+        for ds, r in q.items():
+            probes = r.get("probes", [])
+            lines += [f"### {ds}" + (" (quick smoke run: small data, NOT the benchmark)" if r.get("quick") else ""),
+                      "", f"Budget {_fmt(r.get('budget_s'), 0)} s of training per method, {r.get('seeds')} "
+                          f"pretraining seed(s), probe features of the last {r.get('n_last')} layers. "
+                          f"Cells: mean ± std (n seeds; low-shot with one pretraining seed: std over its label subsets).", "",
+                      "| model | " + " | ".join(probes) + " | training steps | train s | wall s |",
+                      "|---|" + "---|" * (len(probes) + 3)]
+            for model in ("ijepa", "mae", "random_init", "pixels"):
+                e = r.get(model)
+                if not e:
+                    continue
+                cells = []
+                for p in probes:
+                    if p in e:
+                        cells.append(f"{e[p]:.4f} ± {e.get(p + '_std', 0):.4f} (n={e.get('n_seeds')})")
+                    else:
+                        cells.append("–")
+                pre = e.get("pretrain") or []
+                steps = "/".join(str(x["steps"]) for x in pre) or "–"
+                tr = "/".join(_fmt(x.get("train_s"), 0) for x in pre) or "–"
+                wall = "/".join(_fmt(x.get("wall_s"), 0) for x in pre) or "–"
+                lines.append(f"| {model} | " + " | ".join(cells) + f" | {steps} | {tr} | {wall} |")
+            lines += ["", "| target | threshold | I-JEPA | above MAE, random init, pixels | met |", "|---|---|---|---|---|"]
+            for p, t in (r.get("targets") or {}).items():
+                lines.append(f"| {p} | {_fmt(t.get('threshold'), 2)} | {t.get('ijepa'):.4f} | "
+                             f"{_fmt(t.get('above_all_baselines'))} | **{_fmt(t.get('met'))}** |")
+            lines.append("")
+    else:
+        lines += ["## Quality at equal compute", "", "Not run yet: `python benchmarks/run_all.py --only quality`.", ""]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(res: Mapping[str, Any], out_dir: Path) -> None:
+    from ijepa import atomic
+
+    atomic.write_json(out_dir / "results.json", res)
+    atomic.write_text(out_dir / "RESULTS.md", render_markdown(res))
+
+
+# ------------------------------------------------------------------------------------ main
+def parse_only(text: str | None) -> list[str]:
+    if not text:
+        return list(SECTIONS)
+    out: list[str] = []
+    for part in text.split(","):
+        part = part.strip()
+        names = SPEED if part == "speed" else (part,)
+        for n in names:
+            if n not in SECTIONS:
+                raise SystemExit(f"--only: unknown section {n!r}; choose from {', '.join(SECTIONS)} or 'speed'")
+            if n not in out:
+                out.append(n)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default=None, help="comma list of " + ", ".join(SECTIONS) + " or 'speed'")
+    ap.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, 1 repeat")
+    ap.add_argument("--repeats", type=int, default=None, help="whole-section repeats (default 3; quick 1)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="quality: training seconds per method per dataset (default 1200; quick 20)")
+    ap.add_argument("--seeds", type=int, default=1, help="quality: pretraining seeds per method")
+    ap.add_argument("--datasets", default="fashion_mnist,scenes", help="quality: comma list")
+    ap.add_argument("--work", default="data/09_bench", help="quality: shards, runs and feature caches")
+    ap.add_argument("--out-dir", default=str(HERE), help="where results.json and RESULTS.md go")
+    a = ap.parse_args(argv)
+    os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    sections = parse_only(a.only)
+    repeats = a.repeats or (1 if a.quick else 3)
+    budget = a.budget_s if a.budget_s is not None else (20.0 if a.quick else 1200.0)
+    out_dir = Path(a.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "results.json"
+    res: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    res["machine"] = machine_info()
+    for name in sections:
+        t0 = time.perf_counter()
+        print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+        if name == "loader":
+            ts = res.get("train_step") or {}
+            cons = max([v for v in (ts.get("ours_img_s"), ts.get("ours_bf16_img_s")) if v] or [0]) or None
+            if "train_step" not in sections and not a.quick:
+                cons = None  # an old figure from another run is not side by side: measure it again
+            out = section_loader(a.quick, repeats, cons)
+        elif name == "quality":
+            out = section_quality(a.quick, budget, a.seeds, tuple(d for d in a.datasets.split(",") if d), a.work)
+        else:
+            out = globals()[f"section_{name}"](a.quick, repeats)
+        out = dict(out)
+        out["seconds"] = round(time.perf_counter() - t0, 1)
+        out["measured_at"] = res["machine"]["date"]
+        if a.quick:
+            out["quick"] = True
+        res[name] = out
+        write_results(res, out_dir)  # after every section: a crash keeps what was measured
+        print(f"[bench] {name} done in {out['seconds']} s", file=sys.stderr, flush=True)
+    write_results(res, out_dir)
+    return res
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""`make bench` harness (benchmarks/run_all.py): a --quick smoke run of the speed sections writes
+results.json in the issue's shape and a RESULTS.md table, merging into an existing file."""
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def run_all():
+    sys.path.insert(0, str(BENCH))
+    try:
+        yield importlib.import_module("run_all")
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+FAKE_QUALITY = {"fashion_mnist": {
+    "budget_s": 1200.0, "seeds": 1, "quick": False, "probes": ["linear", "lowshot"], "n_last": 4,
+    "ijepa": {"n_seeds": 1, "linear": 0.85, "linear_std": 0.0, "lowshot": 0.7, "lowshot_std": 0.01,
+              "pretrain": [{"steps": 900, "train_s": 1190.0, "wall_s": 1230.0}]},
+    "mae": {"n_seeds": 1, "linear": 0.8, "linear_std": 0.0, "lowshot": 0.6, "lowshot_std": 0.02,
+            "pretrain": [{"steps": 1000, "train_s": 1195.0, "wall_s": 1228.0}]},
+    "random_init": {"n_seeds": 1, "linear": 0.75, "lowshot": 0.55},
+    "pixels": {"n_seeds": 1, "linear": 0.83, "lowshot": 0.77},
+    "targets": {"linear": {"threshold": 0.88, "ijepa": 0.85, "above_all_baselines": True, "met": False}}}}
+
+
+def test_quick_speed_run_writes_results_and_merges(run_all, tmp_path):
+    (tmp_path / "results.json").write_text(json.dumps({"quality": FAKE_QUALITY}))
+    res = run_all.main(["--quick", "--only", "speed", "--out-dir", str(tmp_path)])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["quality"] == FAKE_QUALITY  # merged, not overwritten
+    for key in ("cpu", "cores", "torch", "date"):
+        assert saved["machine"][key]
+    ts = saved["train_step"]
+    for key in ("ours_img_s", "naive_img_s", "ratio", "model_gflop_s", "matmul_gflop_s", "flop_fraction",
+                "peak_mem_mb"):
+        assert ts[key] > 0, key
+    for key in ("ours_img_s", "loop_img_s", "ratio"):
+        assert saved["masks"][key] > 0, key
+    ld = saved["loader"]
+    assert ld["img_s"] > 0 and ld["train_consumption_img_s"] == pytest.approx(
+        max(ts["ours_img_s"], ts["ours_bf16_img_s"]), rel=1e-3)
+    assert ld["ratio"] == pytest.approx(ld["img_s"] / ld["train_consumption_img_s"], rel=0.02)
+    assert saved["shard"]["scenes_img_s"] > 0
+    assert res["gpu"].get("measured") is True or "not measured" in saved["gpu"]["note"]
+    md = (tmp_path / "RESULTS.md").read_text()
+    for needle in ("## Machine", "| CPU |", "torch", "train step, img/s", "mask collator", "loader",
+                   "### GPU", "## Quality at equal compute", "### fashion_mnist", "0.8500 ± 0.0000 (n=1)"):
+        assert needle in md, needle
+    if not res["gpu"].get("measured"):
+        assert "not measured" in md
+
+
+def test_only_rejects_unknown_sections(run_all):
+    assert run_all.parse_only("speed") == list(run_all.SPEED)
+    assert run_all.parse_only("masks,quality") == ["masks", "quality"]
+    with pytest.raises(SystemExit, match="unknown section 'speeed'"):
+        run_all.parse_only("speeed")
+
+
+def test_repeat_median_and_spread(run_all):
+    vals = iter([{"a": 1.0, "b": "x"}, {"a": 3.0, "b": "x"}, {"a": 2.0, "b": "x"}])
+    out = run_all.repeat_median(lambda: next(vals), 3)
+    assert out["a"] == 2.0 and out["spread"]["a"] == [1.0, 3.0] and out["b"] == "x" and out["repeats"] == 3
