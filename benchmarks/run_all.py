@@ -173,7 +173,9 @@ def render_markdown(res: Mapping[str, Any]) -> str:
              f"| CPU | {m.get('cpu', '?')} |", f"| cores | {m.get('cores', '?')} (torch threads {m.get('torch_threads', '?')}) |",
              f"| memory | {_fmt(m.get('memory_gb'))} GB |", f"| torch | {m.get('torch', '?')} |",
              f"| python | {m.get('python', '?')} |", f"| GPU | {m.get('cuda') or 'none'} |",
-             f"| date (last run) | {m.get('date', '?')} |", f"| load average at start | {_fmt(m.get('loadavg_1m'), 2)} |", ""]
+             f"| date (last run) | {m.get('date', '?')} |",
+             f"| load average (1 min) at start / end | {_fmt(m.get('loadavg_1m'), 2)} / {_fmt(m.get('loadavg_end_1m'), 2)} |",
+             ""] + ([f"Note: {m['note']}", ""] if m.get("note") else [])
     ts, mk, ld, sh = (res.get(k) for k in ("train_step", "masks", "loader", "shard"))
     if ts or mk or ld:
         lines += ["## Speed", "", "| benchmark | ours | baseline | ratio (spread) | target | met |",
@@ -260,6 +262,8 @@ def write_results(res: Mapping[str, Any], out_dir: Path) -> None:
 
     atomic.write_json(out_dir / "results.json", res)
     atomic.write_text(out_dir / "RESULTS.md", render_markdown(res))
+    for name in ("results.json", "RESULTS.md"):  # committed files: readable like the others
+        os.chmod(out_dir / name, 0o644)
 
 
 # ------------------------------------------------------------------------------------ main
@@ -289,6 +293,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--datasets", default="fashion_mnist,scenes", help="quality: comma list")
     ap.add_argument("--work", default="data/09_bench", help="quality: shards, runs and feature caches")
     ap.add_argument("--out-dir", default=str(HERE), help="where results.json and RESULTS.md go")
+    ap.add_argument("--note", default=None, help="a remark on the conditions of this run (shown in RESULTS.md)")
+    ap.add_argument("--render-only", action="store_true", help="re-render RESULTS.md from results.json")
     a = ap.parse_args(argv)
     os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("MPLBACKEND", "Agg")
@@ -299,7 +305,14 @@ def main(argv: list[str] | None = None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "results.json"
     res: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    if a.render_only:
+        if a.note is not None:
+            res.setdefault("machine", {})["note"] = a.note
+        write_results(res, out_dir)
+        return res
     res["machine"] = machine_info()
+    if a.note:
+        res["machine"]["note"] = a.note
     for name in sections:
         t0 = time.perf_counter()
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
@@ -321,6 +334,8 @@ def main(argv: list[str] | None = None) -> dict:
         res[name] = out
         write_results(res, out_dir)  # after every section: a crash keeps what was measured
         print(f"[bench] {name} done in {out['seconds']} s", file=sys.stderr, flush=True)
+    if hasattr(os, "getloadavg"):
+        res["machine"]["loadavg_end_1m"] = round(os.getloadavg()[0], 2)
     write_results(res, out_dir)
     return res
 
