@@ -28,7 +28,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 
 EXPERIMENT = "scenes"
-PROBE_METRIC = "linear_ijepa"
+PROBE_METRIC = "probe.linear.ijepa"  # as the probe pipeline names it
 PROBE_VALUE = 0.731
 PRETRAIN_LOSS = [1.92, 1.41, 1.07, 0.88, 0.79]
 FAKE_COMMIT = "61a3310c0ffee0000000000000000000deadbeef"
@@ -58,17 +58,17 @@ def fill_store(tracking_uri: str) -> dict:
 
     stages = {
         "shard": (
-            {"shard.scenes.n_images": "512", "shard.scenes.img_size": "32", "shard.scenes.seed": "0"},
-            {"n_shards": [4.0]},
+            {"shard.scenes.scenes.sizes.train": "512", "shard.scenes.image_size": "32", "shard.common.seed": "0"},
+            {"shard.samples_total": [768.0]},
         ),
         "pretrain": (
-            {"pretrain.epochs": "5", "pretrain.lr": "0.001", "pretrain.mask.ratio": "0.75",
-             "model.embed_dim": "64", "model.depth": "4"},
+            {"pretrain.common.optimisation.total_steps": "250", "pretrain.common.optimisation.lr": "0.001",
+             "pretrain.common.masks.npred": "4", "pretrain.common.model.preset": "tiny"},
             {"loss": PRETRAIN_LOSS},
         ),
         "probe": (
-            {"probe.classifier": "logistic", "probe.max_iter": "200"},
-            {PROBE_METRIC: [PROBE_VALUE], "linear_raw": [0.412]},
+            {"probe.common.solver": "lbfgs", "probe.common.max_iter": "100"},
+            {PROBE_METRIC: [PROBE_VALUE], "probe.linear.pixels": [0.412]},
         ),
     }
 
@@ -218,15 +218,15 @@ def page_text(driver) -> str:
     return driver.execute_script("return document.body ? document.body.innerText : ''") or ""
 
 
-def prime_ui(driver, base: str, experiment_id: str) -> None:
+def prime_ui(driver, base: str, experiment_id: str, widths: dict[str, int] | None = None) -> None:
     """Best effort: show lineage/metric columns in the runs table and keep the assistant closed."""
     import json
 
     driver.get(f"{base}/health")  # any page on the origin, so localStorage is the UI's
     # Column ids as the runs grid names them (its header cells' col-id); widths only apply
     # together with an explicit columnOrder.
-    widths = {"params.`pretrain.mask.ratio`": 160, "metrics.`linear_ijepa`": 110, "metrics.`loss`": 80,
-              "tags.`dvc_stage`": 150, "tags.`git_commit`": 120}
+    widths = widths or {"params.`pretrain.common.masks.npred`": 150, "metrics.`probe.linear.ijepa`": 140,
+                        "metrics.`loss`": 80, "tags.`dvc_stage`": 150, "tags.`git_commit`": 120}
     state = {"selectedColumns": list(widths), "columnOrder": list(widths), "columnWidths": widths}
     items = {
         "mlflow.assistant.panelOpen_v1": "false",
