@@ -62,10 +62,12 @@ def _tiny(root: Path, total_steps: int = 6, checkpoint_every: int = 3) -> None:
         c["optimisation"].update(batch_size=16, total_steps=total_steps, warmup_steps=1)
         c.update(checkpoint_every=checkpoint_every, log_every=1, threads=1)
         c["masks"]["min_keep"] = 4
+        p["pretrain"]["scenes"].pop("optimisation", None)  # steps come from `common` only here
 
     def probe(p):
         p["probe"]["common"].update(max_iter=5, weight_decays=[0.001], lowshot_per_class=2,
                                     lowshot_seeds=2, feature_batch_size=64)
+        p["probe"]["scenes"] = {}  # the tiny encoder has 2 blocks: no last-4-layer features
 
     _edit(root / "conf/base/parameters_shard.yml", shard)
     _edit(root / "conf/base/parameters_pretrain.yml", pretrain)
@@ -115,6 +117,15 @@ def test_repro_chain_noop_and_selective_reruns(project):
     # metrics and plots are readable by DVC
     shown = _run(dvc + ["metrics", "show", "--json"], project)
     assert "probes.json" in shown and "shard.json" in shown
+
+    # the default remote is a local folder: push, lose the cache and outputs, pull them back
+    _run(dvc + ["push"], project)
+    assert any((project / "dvc-remote").rglob("*"))
+    shutil.rmtree(project / "data/02_shards/scenes")
+    shutil.rmtree(project / ".dvc/cache")
+    _run(dvc + ["pull", "--with-deps", "probe@scenes"], project)
+    assert (project / "data/02_shards/scenes/manifest.json").is_file()
+    assert _ran(_run(dvc + ["repro", "probe@scenes"], project)) == set()
 
     # MLflow: one experiment for the dataset, stage runs with lineage tags
     import mlflow
