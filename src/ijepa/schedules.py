@@ -76,28 +76,26 @@ class WarmupCosine(Schedule):
         return self.final + (self.peak - self.final) * 0.5 * (1.0 + math.cos(math.pi * p))
 
 
-class Cosine(Schedule):
-    """Cosine from `start` (t=0) to `end` (t=total); increasing when end > start."""
+class _StartEnd(Schedule):
+    """A schedule from `start` (t=0) to `end` (t=total)."""
 
     def __init__(self, start: float, end: float, total: int):
         super().__init__()
         if total < 1:
             raise ValueError(f"total must be >= 1, got {total}")
         self.start, self.end, self.total = float(start), float(end), int(total)
+
+
+class Cosine(_StartEnd):
+    """Cosine from `start` (t=0) to `end` (t=total); increasing when end > start."""
 
     def value(self, t: int) -> float:
         p = _progress(t, 0, self.total)
         return self.end + (self.start - self.end) * 0.5 * (1.0 + math.cos(math.pi * p))
 
 
-class Linear(Schedule):
+class Linear(_StartEnd):
     """Linear from `start` (t=0) to `end` (t=total)."""
-
-    def __init__(self, start: float, end: float, total: int):
-        super().__init__()
-        if total < 1:
-            raise ValueError(f"total must be >= 1, got {total}")
-        self.start, self.end, self.total = float(start), float(end), int(total)
 
     def value(self, t: int) -> float:
         return self.start + (self.end - self.start) * _progress(t, 0, self.total)

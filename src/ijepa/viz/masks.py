@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from ijepa.atomic import atomic_path
+from ijepa.viz.arrays import as_numpy
 
 __all__ = ["plot_masks", "save_figure_png", "save_masks_png"]
 
@@ -23,13 +24,7 @@ _COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#
             "#bfef45", "#fabed4", "#469990"]
 
 
-def _as_numpy(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().cpu()
-        if str(x.dtype) == "torch.bfloat16":
-            x = x.float()
-        x = x.numpy()
-    return np.asarray(x)
+_as_numpy = as_numpy
 
 
 def _to_hwc01(img: np.ndarray) -> np.ndarray:

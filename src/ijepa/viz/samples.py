@@ -15,17 +15,12 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ijepa.atomic import atomic_path
+from ijepa.viz.arrays import as_numpy
 
 __all__ = ["plot_samples", "save_samples_png", "save_figure_png"]
 
 
-def _np(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().cpu()
-        if str(x.dtype) == "torch.bfloat16":
-            x = x.float()
-        x = x.numpy()
-    return np.asarray(x)
+_np = as_numpy
 
 
 def _hwc(img: np.ndarray) -> np.ndarray:
