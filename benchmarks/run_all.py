@@ -225,6 +225,8 @@ def render_markdown(res: Mapping[str, Any]) -> str:
     if q:
         lines += ["## Quality at equal compute", ""]
         for ds, r in q.items():
+            if not isinstance(r, dict):  # run-level entries (measured_at, seconds) sit beside the datasets
+                continue
             probes = r.get("probes", [])
             lines += [f"### {ds}" + (" (quick smoke run: small data, NOT the benchmark)" if r.get("quick") else ""),
                       "", f"Budget {_fmt(r.get('budget_s'), 0)} s of training per method, {r.get('seeds')} "
