@@ -3,8 +3,11 @@
 One train step = masks for the batch (from (seed, step)), RandomResizedCrop, target encoder
 on the full image, context encoder on the context tokens, predictor, loss, backward, AdamW,
 EMA update — the library's own pieces (`ijepa.train`), on in-memory uint8 images (no
-decoding: data reading is not what is measured); in bf16 the attention cores run in fp32
-(`ijepa.train.adapt_for_precision`, as in training). Default: the `tiny` preset (ViT dim 192,
+decoding: data reading is not what is measured), at the trainer's default precision "auto"
+(`ijepa.precision`: bf16 autocast on CPUs with native bf16, else fp32; in bf16 the attention
+cores run in fp32, as in training). Also timed: our step in fp32 (and in bf16 where "auto"
+is fp32), and the naive step under our precision (`ratio_same_precision`: the code's gain
+without the precision's). Default: the `tiny` preset (ViT dim 192,
 depth 6; predictor 96 x 4), 28x28 grey, patch 4, paper mask values with min_keep 4, batch 64.
 
 The naive step, written here, runs the same models and optimiser with
@@ -16,8 +19,10 @@ The naive step, written here, runs the same models and optimiser with
   - AdamW as torch's CPU default (a loop of per-parameter ops) instead of the fused kernel,
 and is timed interleaved with ours (so background load affects both alike).
 
-Machine speed: fp32 ``torch.mm`` of two 2048x2048 matrices (2 n^3 FLOPs), timed between
-the train steps (median), so it sees the same background load as the steps.
+Machine speed: fp32 and bf16 ``torch.mm`` of two 2048x2048 matrices (2 n^3 FLOPs), timed
+between the train steps (median), so they see the same background load as the steps.
+`flop_fraction` is against the fp32 rate (the issue's yardstick), `flop_fraction_own_precision`
+against the rate of the precision our step runs in.
 
 FLOPs per step: `torch.utils.flop_counter.FlopCounterMode` on the forward of the trained
 part (context encoder on the context tokens + predictor) and of the target encoder (full
@@ -44,8 +49,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ijepa.masks import MaskConfig, MaskGenerator, Masks, make_generator
 from ijepa.models import PRESETS, Predictor, ViTEncoder
-from ijepa.train import (ContextPath, apply_schedules, autocast_for, build_optimizer, build_schedules, ema_update_,
-                         forward_jepa, load_config, param_groups, adapt_for_precision)
+from ijepa.precision import adapt_for_precision, autocast_for, resolve_precision
+from ijepa.train import (ContextPath, apply_schedules, build_optimizer, build_schedules, ema_update_, forward_jepa,
+                         load_config, param_groups)
 from ijepa.train_data import Augmenter, crop_params
 
 __all__ = ["run", "NaiveAttention", "loop_masks", "loop_crops"]
@@ -262,35 +268,50 @@ def run(img_size: int = 28, in_chans: int = 1, patch_size: int = 4, batch_size: 
     pred_cfg = replace(base.predictor, **(predictor_overrides or {}))
     g = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (batch_size, in_chans, img_size, img_size), dtype=torch.uint8, generator=g)
-    runs = {"ours": Step(cfg, enc_cfg, pred_cfg, images, "fp32", naive=False, seed=seed),
-            "ours_bf16": Step(cfg, enc_cfg, pred_cfg, images, "bf16", naive=False, seed=seed),
+    # "ours" runs as the trainer does by default (precision "auto": bf16 autocast on CPUs with
+    # native bf16, else fp32); the naive step is fp32 (the headline ratio) and, where "auto" is
+    # bf16, also under the same autocast, so the gain of the precision and of the code show apart.
+    prec = resolve_precision("auto", torch.device("cpu"))
+    runs = {"ours": Step(cfg, enc_cfg, pred_cfg, images, prec, naive=False, seed=seed),
             "naive": Step(cfg, enc_cfg, pred_cfg, images, "fp32", naive=True, seed=seed)}
+    if prec != "fp32":
+        runs["ours_fp32"] = Step(cfg, enc_cfg, pred_cfg, images, "fp32", naive=False, seed=seed)
+        runs["naive_same_precision"] = Step(cfg, enc_cfg, pred_cfg, images, prec, naive=True, seed=seed)
+    else:
+        runs["ours_bf16"] = Step(cfg, enc_cfg, pred_cfg, images, "bf16", naive=False, seed=seed)
     for step in runs.values():
         for _ in range(warmup):
             step()
     a, b = torch.randn(matmul_n, matmul_n), torch.randn(matmul_n, matmul_n)
-    torch.mm(a, b)
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    torch.mm(a, b), torch.mm(a16, b16)
     times: dict[str, list[float]] = {k: [] for k in runs}
-    mm_times: list[float] = []
-    for _ in range(steps):  # interleaved, the matmul probe too: background load hits all alike
+    mm_times: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    for _ in range(steps):  # interleaved, the matmul probes too: background load hits all alike
         for name, step in runs.items():
             t0 = time.perf_counter()
             step()
             times[name].append(time.perf_counter() - t0)
-        for _ in range(2):
-            t0 = time.perf_counter()
-            torch.mm(a, b)
-            mm_times.append(time.perf_counter() - t0)
+        for kind, (x, y) in (("fp32", (a, b)), ("bf16", (a16, b16))):
+            for _ in range(2):
+                t0 = time.perf_counter()
+                torch.mm(x, y)
+                mm_times[kind].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    mm = 2 * matmul_n ** 3 / statistics.median(mm_times) / 1e9
+    mm_rate = {k: 2 * matmul_n ** 3 / statistics.median(v) / 1e9 for k, v in mm_times.items()}
+    mm = mm_rate["fp32"]
     # peak memory of OUR step alone (process RSS, incl. the ~0.4 GB of loaded libraries):
     # the other runs are dropped and the kernel's peak counter reset first
     ours = runs["ours"]
-    del runs["naive"], runs["ours_bf16"]
+    fp32_s = med.get("ours_fp32", med["ours"])
+    bf16_s = med.get("ours_bf16", med["ours"])
+    naive_same_s = med.get("naive_same_precision", med["naive"])
+    for name in [k for k in runs if k != "ours"]:
+        del runs[name]
     import gc
 
     gc.collect()
-    peak_scope = "our fp32 steps only" if _reset_peak_rss() else "whole benchmark process"
+    peak_scope = f"our {prec} steps only" if _reset_peak_rss() else "whole benchmark process"
     rss_before = _peak_rss_mb("VmRSS")
     ours()
     ours()
@@ -299,22 +320,31 @@ def run(img_size: int = 28, in_chans: int = 1, patch_size: int = 4, batch_size: 
     model_gflop_s = flops / med["ours"] / 1e9
     ours_img_s, naive_img_s = batch_size / med["ours"], batch_size / med["naive"]
     return {
+        "precision": prec,
         "ours_img_s": round(ours_img_s, 1),
         "naive_img_s": round(naive_img_s, 1),
         "ratio": round(ours_img_s / naive_img_s, 2),
+        # the same naive code under our precision: what the code alone gains
+        "naive_same_precision_img_s": round(batch_size / naive_same_s, 1),
+        "ratio_same_precision": round(naive_same_s / med["ours"], 2),
         "model_gflop_s": round(model_gflop_s, 2),
         "matmul_gflop_s": round(mm, 1),
         "flop_fraction": round(model_gflop_s / mm, 3),
+        # against the matmul rate of the precision our step runs in (its real ceiling)
+        "matmul_bf16_gflop_s": round(mm_rate["bf16"], 1),
+        "flop_fraction_own_precision": round(model_gflop_s / mm_rate[prec], 3),
         "peak_mem_mb": round(peak, 1),
         # extras
-        "ours_bf16_img_s": round(batch_size / med["ours_bf16"], 1),
-        "bf16_speedup": round(med["ours"] / med["ours_bf16"], 2),
-        "model_bf16_gflop_s": round(flops / med["ours_bf16"] / 1e9, 2),
+        "ours_fp32_img_s": round(batch_size / fp32_s, 1),
+        "ours_bf16_img_s": round(batch_size / bf16_s, 1),
+        "bf16_speedup": round(fp32_s / bf16_s, 2),
+        "model_bf16_gflop_s": round(flops / bf16_s / 1e9, 2),
         "gflop_per_step": round(flops / 1e9, 3),
         "step_ms": {k: round(v * 1e3, 1) for k, v in med.items()},
         "config": {"preset": preset, "img_size": img_size, "in_chans": in_chans, "patch_size": patch_size,
                    "grid": list(enc_cfg.grid), "batch_size": batch_size, "min_keep": min_keep, "steps": steps,
-                   "threads": torch.get_num_threads(), "embed_dim": enc_cfg.embed_dim, "depth": enc_cfg.depth},
+                   "threads": torch.get_num_threads(), "embed_dim": enc_cfg.embed_dim, "depth": enc_cfg.depth,
+                   "context_policy": cfg.masks.context_policy},
         "rss_before_steps_mb": round(rss_before, 1),
         "peak_mem_note": f"peak RSS (CPU) of the process during {peak_scope}; it includes the libraries and "
                          f"models (rss_before_steps_mb)",

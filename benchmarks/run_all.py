@@ -182,16 +182,27 @@ def render_markdown(res: Mapping[str, Any]) -> str:
                   "|---|---|---|---|---|---|"]
         if ts:
             c = ts.get("config", {})
+            prec = ts.get("precision", "fp32")
             lines.append(f"| train step, img/s (preset {c.get('preset')}, {c.get('img_size')} px, batch "
-                         f"{c.get('batch_size')}, fp32) | {_fmt(ts.get('ours_img_s'))} | naive "
+                         f"{c.get('batch_size')}, ours {prec} vs naive fp32) | {_fmt(ts.get('ours_img_s'))} | naive "
                          f"{_fmt(ts.get('naive_img_s'))} | {_fmt(ts.get('ratio'), 2)} ({_spread(ts, 'ratio', 2)}) "
                          f"| ≥ 1.5 | {_met(ts.get('ratio'), 1.5)} |")
-            lines.append(f"| model GFLOP/s (enc + target + predictor, fwd + bwd, fp32) | "
+            if prec != "fp32" and ts.get("ratio_same_precision") is not None:
+                lines.append(f"| train step, img/s, both {prec} (what the code alone gains) | "
+                             f"{_fmt(ts.get('ours_img_s'))} | naive {prec} {_fmt(ts.get('naive_same_precision_img_s'))} | "
+                             f"{_fmt(ts.get('ratio_same_precision'), 2)} ({_spread(ts, 'ratio_same_precision', 2)}) "
+                             f"| – | – |")
+            lines.append(f"| model GFLOP/s (enc + target + predictor, fwd + bwd, {prec}) | "
                          f"{_fmt(ts.get('model_gflop_s'))} | fp32 matmul {_fmt(ts.get('matmul_gflop_s'))} | "
                          f"{_fmt(ts.get('flop_fraction'), 3)} ({_spread(ts, 'flop_fraction', 3)}) | ≥ 0.6 | "
                          f"{_met(ts.get('flop_fraction'), 0.6)} |")
-            lines.append(f"| train step bf16 autocast, img/s | {_fmt(ts.get('ours_bf16_img_s'))} | our fp32 "
-                         f"{_fmt(ts.get('ours_img_s'))} | {_fmt(ts.get('bf16_speedup'), 2)} | – | – |")
+            if ts.get("matmul_bf16_gflop_s") is not None:
+                lines.append(f"| same, against the matmul rate of {prec} | {_fmt(ts.get('model_gflop_s'))} | "
+                             f"{prec} matmul {_fmt(ts.get(f'matmul_{prec}_gflop_s', ts.get('matmul_gflop_s')))} | "
+                             f"{_fmt(ts.get('flop_fraction_own_precision'), 3)} | – | – |")
+            lines.append(f"| train step bf16 autocast vs fp32, img/s | {_fmt(ts.get('ours_bf16_img_s'))} | our fp32 "
+                         f"{_fmt(ts.get('ours_fp32_img_s', ts.get('ours_img_s')))} | {_fmt(ts.get('bf16_speedup'), 2)} "
+                         f"| – | – |")
         if mk:
             lines.append(f"| mask collator, img/s (batch {mk.get('batch_size')}, grid {mk.get('grid')}) | "
                          f"{_fmt(mk.get('ours_img_s'))} | loop {_fmt(mk.get('loop_img_s'))} | "
@@ -320,7 +331,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
         if name == "loader":
             ts = res.get("train_step") or {}
-            cons = max([v for v in (ts.get("ours_img_s"), ts.get("ours_bf16_img_s")) if v] or [0]) or None
+            cons = ts.get("ours_img_s")  # what training consumes at its default precision
             if "train_step" not in sections and not a.quick:
                 cons = None  # an old figure from another run is not side by side: measure it again
             out = section_loader(a.quick, repeats, cons)

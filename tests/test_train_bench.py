@@ -15,4 +15,6 @@ def test_bench_train_step_smoke():
     for key in ("ours_img_s", "naive_img_s", "ratio", "model_gflop_s", "matmul_gflop_s", "flop_fraction",
                 "peak_mem_mb"):
         assert out[key] > 0, key
-    assert out["gflop_per_step"] > 0 and out["ours_bf16_img_s"] > 0
+    assert out["gflop_per_step"] > 0 and out["ours_bf16_img_s"] > 0 and out["ours_fp32_img_s"] > 0
+    assert out["precision"] in ("fp32", "bf16") and out["ratio_same_precision"] > 0
+    assert out["matmul_bf16_gflop_s"] > 0 and out["flop_fraction_own_precision"] > 0

@@ -4,7 +4,7 @@ Cache layout (one safetensors file per split, written atomically)::
 
     <cache_dir>/<encoder_key>/n_last<k>/<split>.safetensors
         tensor "features": float32 [N, D]
-        metadata: encoder_key, n_last, split, data_fingerprint, n, dim
+        metadata: encoder_key, n_last, split, data_fingerprint, precision, n, dim
 
 `encoder_key` is the sha256 of the exported weights file (`export.file_sha256`) for a
 trained encoder, and `random_init-<sha256 of the state dict>` for the randomly initialised
@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ijepa.atomic import atomic_path
+from ijepa.precision import adapt_for_precision, autocast_for, resolve_precision
 
 __all__ = ["cache_path", "cached_features", "extract_features", "encoder_features", "pixel_features",
            "state_sha256"]
@@ -56,15 +57,21 @@ def state_sha256(module: torch.nn.Module) -> str:
 
 @torch.no_grad()
 def extract_features(encoder: torch.nn.Module, images: torch.Tensor, n_last: int = 1, batch_size: int = 256,
-                     device: str | torch.device = "cpu", progress: bool = True, desc: str = "features") -> torch.Tensor:
-    """uint8 images [N, C, H, W] -> float32 features [N, D] via `encoder.features` (eval mode)."""
+                     device: str | torch.device = "cpu", progress: bool = True, desc: str = "features",
+                     precision: str = "fp32") -> torch.Tensor:
+    """uint8 images [N, C, H, W] -> float32 features [N, D] via `encoder.features` (eval mode).
+
+    `precision` "bf16" (or "auto" where it resolves so, `ijepa.precision`) runs the encoder
+    under bf16 autocast: several times faster on CPUs with native bf16."""
     encoder.eval()
+    adapt_for_precision(encoder, precision, device)
     n = images.shape[0]
     out: list[torch.Tensor] = []
     with tqdm(total=n, desc=desc, unit="img", disable=not progress, leave=False) as bar:
         for i in range(0, n, batch_size):
             x = images[i:i + batch_size].to(device=device, dtype=torch.float32) / 255.0
-            out.append(encoder.features(x, n_last=n_last).float().cpu())
+            with autocast_for(precision, device):
+                out.append(encoder.features(x, n_last=n_last).float().cpu())
             bar.update(x.shape[0])
     if not out:
         raise ValueError("extract_features got no images")
@@ -94,12 +101,13 @@ def _read_cache(path: Path, expect: dict[str, str]) -> torch.Tensor | None:
 
 
 def cached_features(cache_dir: str | os.PathLike, encoder_key: str, n_last: int, split: str,
-                    data_fingerprint: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """Features from the cache when encoder key, n_last, split and data fingerprint match;
-    otherwise `compute()` them and write the cache atomically."""
+                    data_fingerprint: str, compute: Callable[[], torch.Tensor],
+                    precision: str = "fp32") -> torch.Tensor:
+    """Features from the cache when encoder key, n_last, split, data fingerprint and the
+    (resolved) precision match; otherwise `compute()` them and write the cache atomically."""
     path = cache_path(cache_dir, encoder_key, n_last, split)
     expect = {"encoder_key": encoder_key, "n_last": str(n_last), "split": split,
-              "data_fingerprint": data_fingerprint}
+              "data_fingerprint": data_fingerprint, "precision": precision}
     feats = _read_cache(path, expect)
     if feats is not None:
         return feats
@@ -112,13 +120,16 @@ def cached_features(cache_dir: str | os.PathLike, encoder_key: str, n_last: int,
 
 def encoder_features(encoder: torch.nn.Module, encoder_key: str, images: torch.Tensor, split: str, *,
                      n_last: int, cache_dir: str | os.PathLike, data_fingerprint: str, batch_size: int = 256,
-                     device: str | torch.device = "cpu", progress: bool = True, name: str = "") -> torch.Tensor:
+                     device: str | torch.device = "cpu", progress: bool = True, name: str = "",
+                     precision: str = "fp32") -> torch.Tensor:
     """`extract_features` through the on-disk cache."""
+    precision = resolve_precision(precision, device)
+
     def compute() -> torch.Tensor:
         return extract_features(encoder.to(device), images, n_last=n_last, batch_size=batch_size, device=device,
-                                progress=progress, desc=f"{name or encoder_key[:12]} {split}")
+                                progress=progress, desc=f"{name or encoder_key[:12]} {split}", precision=precision)
 
-    return cached_features(cache_dir, encoder_key, n_last, split, data_fingerprint, compute)
+    return cached_features(cache_dir, encoder_key, n_last, split, data_fingerprint, compute, precision)
 
 
 def pixel_pool_factor(shape: tuple[int, int, int], max_dim: int) -> int:

@@ -38,6 +38,7 @@ from ijepa.config import ConfigError, as_dict, from_mapping, require
 from ijepa.export import EncoderFileError, _resolve, file_sha256, load_encoder, read_encoder_info
 from ijepa.linear import LinearProbe, confusion_matrix, fit_linear_probe
 from ijepa.models import EncoderConfig, ViTEncoder
+from ijepa.precision import resolve_precision
 
 __all__ = ["ProbeConfig", "ProbeError", "run_probes", "lowshot_indices", "lowshot_counts",
            "check_encoder_matches_shards", "PROBES", "BASELINES", "ValProbe", "val_score"]
@@ -75,6 +76,7 @@ class ProbeConfig:
     baselines: tuple[BaselineName, ...] = BASELINES
     pixel_max_dim: int = 4096            # raw-pixel baseline average-pooled to at most this many dims
     feature_batch_size: int = 256
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # feature extraction; auto: bf16 where native (ijepa.precision)
     seed: int = 0                        # random-init baseline weights, low-shot subsets, Adam batch order
     train_split: str = "train"
     val_split: str = "val"
@@ -338,7 +340,7 @@ def run_probes(cfg: ProbeConfig | Mapping[str, Any] | None, encoder_path: str | 
                 features[model_name][split_name] = feats_mod.encoder_features(
                     module, key, images, split_name, n_last=cfg.n_last, cache_dir=cache_dir,
                     data_fingerprint=fingerprint, batch_size=cfg.feature_batch_size, device=device,
-                    progress=progress, name=model_name)
+                    progress=progress, name=model_name, precision=cfg.precision)
     seconds["features"] = time.perf_counter() - t0
 
     probes: dict[str, dict[str, Any]] = {}
@@ -439,7 +441,8 @@ class ValProbe:
         """Val top-1 (fraction) of the best head; leaves the encoder's train/eval mode as it was."""
         was_training = encoder.training
         try:
-            kw = dict(n_last=self.cfg.n_last, batch_size=self.cfg.feature_batch_size, device=device, progress=False)
+            kw = dict(n_last=self.cfg.n_last, batch_size=self.cfg.feature_batch_size, device=device, progress=False,
+                      precision=resolve_precision(self.cfg.precision, device))
             tx = feats_mod.extract_features(encoder, self.train_images, desc="val-score train", **kw)
             vx = feats_mod.extract_features(encoder, self.val_images, desc="val-score val", **kw)
         finally:

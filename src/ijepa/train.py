@@ -57,6 +57,7 @@ from ijepa.distributed import DistInfo, all_reduce_mean, barrier, pick_device, w
 from ijepa.masks import MaskGenerator, Masks, derive_seed, make_generator
 from ijepa.models import ModelConfig, ViTEncoder, Predictor, count_params, gather_tokens
 from ijepa.monitor import LossHistory, collapse_stats
+from ijepa.precision import Fp32CoreAttention, adapt_for_precision, autocast_for, resolve_precision
 from ijepa.schedules import Cosine, Linear, TrainSchedules, WarmupCosine
 from ijepa.tracking import MlflowTracker, NullTracker, Tracker
 from ijepa.train_config import (RESUME_SAFE_FIELDS, PretrainConfig, check_against_data)
@@ -199,62 +200,6 @@ def grad_norm(params: list[torch.Tensor]) -> float:
     if not grads:
         return 0.0
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
-    return precision
-
-
-def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
-    if resolve_precision(precision, device) == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-class Fp32CoreAttention(nn.Module):
-    """timm's Attention with the softmax(Q K^T) V core computed in fp32 under autocast.
-
-    On CPU, PyTorch's bf16 attention kernels are several times slower than fp32 ones at our
-    sizes (measured: a whole bf16 train step of the tiny preset 1.7-3x faster with the core in
-    fp32), while the linear layers, where the FLOPs are, gain from bf16. Shares the wrapped
-    module's submodules under the same names, so state_dict keys do not change.
-    """
-
-    def __init__(self, attn: nn.Module):
-        super().__init__()
-        for name in ("qkv", "q_norm", "k_norm", "attn_drop", "norm", "proj", "proj_drop"):
-            setattr(self, name, getattr(attn, name))
-        self.gate = getattr(attn, "gate", None)
-        self.num_heads, self.head_dim = attn.num_heads, attn.head_dim
-        self.attn_dim = getattr(attn, "attn_dim", attn.num_heads * attn.head_dim)
-
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        B, N, _ = x.shape
-        gate = self.gate(x).sigmoid() if self.gate is not None else None
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask,
-                                                 dropout_p=self.attn_drop.p if self.training else 0.0,
-                                                 is_causal=is_causal)
-        out = out.to(q.dtype).transpose(1, 2).reshape(B, N, self.attn_dim)
-        out = self.norm(out)
-        if gate is not None:
-            out = out * gate
-        return self.proj_drop(self.proj(out))
-
-
-def adapt_for_precision(module: nn.Module, precision: str, device: torch.device) -> nn.Module:
-    """bf16 on CPU: attention cores in fp32 (`Fp32CoreAttention`); otherwise unchanged."""
-    if resolve_precision(precision, device) == "bf16" and device.type == "cpu":
-        for blk in module.modules():
-            attn = getattr(blk, "attn", None)
-            if attn is not None and hasattr(attn, "qkv") and not isinstance(attn, Fp32CoreAttention):
-                blk.attn = Fp32CoreAttention(attn)
-    return module
 
 
 def seed_everything(seed: int) -> None:

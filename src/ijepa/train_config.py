@@ -177,7 +177,8 @@ class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     collapse: CollapseConfig = field(default_factory=CollapseConfig)
     mae: MaeSection = field(default_factory=MaeSection)  # used by method "mae" only
-    # "auto": bf16 autocast on CUDA, fp32 on CPU; "bf16": bf16 autocast on CPU too (~2x faster)
+    # "auto": bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32
+    # (ijepa.precision); "bf16" / "fp32" force one
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     compile: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
