@@ -16,8 +16,8 @@ and low-shot on its `cls` label):
            including data loading and checkpoints) is recorded next to the budget, so a
            deviation caused by machine load is visible;
 3. pretrain `ijepa.train.run_pretraining` with the project's pretraining parameters
-           (conf/base/parameters_pretrain.yml common + dataset + tuned masks) and the best CPU
-           settings: precision bf16, masks.context_policy "pad"; ``method: mae`` for the MAE
+           (conf/base/parameters_pretrain.yml common + dataset + tuned masks, so precision
+           "auto" and the default context policy); ``method: mae`` for the MAE
            baseline (same encoder, 0.75 random masking, light pixel decoder, same augmentation);
 4. probe   `ijepa.probes.run_probes` on both exported encoders with the same probe config
            (project parameters, n_last 4 by default); random_init and pixels come from the
@@ -96,8 +96,7 @@ def pretrain_config(dataset: str, method: str, seed: int, overrides: Mapping[str
     tuned = ((_params("tuned").get("tuned_masks") or {}).get(dataset)) or {}
     if tuned:
         cfg = deep_merge(cfg, {"masks": dict(tuned)})
-    cfg = deep_merge(cfg, {"method": method, "seed": seed, "precision": "bf16", "progress": False,
-                           "masks": {"context_policy": "pad"}, "nproc": 1})
+    cfg = deep_merge(cfg, {"method": method, "seed": seed, "progress": False, "nproc": 1})
     return deep_merge(cfg, dict(overrides or {}))
 
 

@@ -25,7 +25,9 @@ def tiny_config(**over) -> dict:
     cfg = {"model": TINY_MODEL, "masks": TINY_MASKS,
            "optimisation": {"batch_size": 8, "total_steps": 12, "warmup_steps": 2, "lr": 1e-3},
            "checkpoint_every": 4, "keep_last": 2, "log_every": 2, "seed": 3, "threads": 1,
-           "deterministic": True, "progress": False}
+           # fp32: numeric comparisons (DDP vs one process, resume) are made at fp32 tolerances;
+           # "auto" may resolve to bf16 on this CPU (ijepa.precision), which has its own tests
+           "precision": "fp32", "deterministic": True, "progress": False}
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(cfg.get(k), dict):
             cfg[k] = {**cfg[k], **v}
