@@ -65,9 +65,10 @@ def _tiny(root: Path, total_steps: int = 6, checkpoint_every: int = 3) -> None:
         p["pretrain"]["scenes"].pop("optimisation", None)  # steps come from `common` only here
 
     def probe(p):
+        # n_last 1: the tiny encoder has 2 blocks, so no last-4-layer features
         p["probe"]["common"].update(max_iter=5, weight_decays=[0.001], lowshot_per_class=2,
-                                    lowshot_seeds=2, feature_batch_size=64)
-        p["probe"]["scenes"] = {}  # the tiny encoder has 2 blocks: no last-4-layer features
+                                    lowshot_seeds=2, feature_batch_size=64, n_last=1)
+        p["probe"]["scenes"] = {}
 
     _edit(root / "conf/base/parameters_shard.yml", shard)
     _edit(root / "conf/base/parameters_pretrain.yml", pretrain)
