@@ -3,9 +3,10 @@
 ``precision: auto`` resolves per device:
 - CUDA: bf16 autocast (as the reference code);
 - CPU: bf16 autocast when the processor multiplies bf16 natively (AVX512-BF16 or AMX tiles),
-  where a bf16 matmul runs several times faster than an fp32 one (measured here on an
-  AVX512-BF16 EPYC: 870 vs 200 GFLOP/s, a whole tiny-preset train step 2.2x faster);
-  fp32 elsewhere, where bf16 is emulated and slower (measured on a Xeon without it: 0.7x).
+  where a bf16 matmul runs several times faster than an fp32 one (benchmarks/RESULTS.md, an
+  AVX512-BF16 EPYC: 789 vs 202 GFLOP/s, a whole tiny-preset train step 2.1x faster);
+  fp32 elsewhere (an earlier run of the same benchmark on an Intel Xeon measured bf16 at
+  0.7x of fp32).
 The choice depends only on the machine, so a resumed run on the same machine resolves alike.
 """
 from __future__ import annotations
