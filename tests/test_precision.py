@@ -57,3 +57,12 @@ def test_bf16_features_close_to_fp32_and_cached_apart(tmp_path):
     b = feats_mod.encoder_features(enc, "key", images, "train", precision="bf16", **kw)
     assert torch.equal(a, full) and torch.equal(b, low)  # another precision is not served from the cache
     assert torch.equal(feats_mod.encoder_features(enc, "key", images, "train", precision="bf16", **kw), low)
+
+
+def test_probe_precision_is_validated_by_name():
+    from ijepa.config import ConfigError, from_mapping
+    from ijepa.probes import ProbeConfig
+
+    with pytest.raises(ConfigError, match=r"probe\.precision: 'fp16' is not one of"):
+        from_mapping(ProbeConfig, {"precision": "fp16"}, "probe")
+    assert from_mapping(ProbeConfig, {}, "probe").precision == "auto"
