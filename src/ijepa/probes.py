@@ -38,7 +38,6 @@ from ijepa.config import ConfigError, as_dict, from_mapping, require
 from ijepa.export import EncoderFileError, _resolve, file_sha256, load_encoder, read_encoder_info
 from ijepa.linear import LinearProbe, confusion_matrix, fit_linear_probe
 from ijepa.models import EncoderConfig, ViTEncoder
-from ijepa.precision import resolve_precision
 
 __all__ = ["ProbeConfig", "ProbeError", "run_probes", "lowshot_indices", "lowshot_counts",
            "check_encoder_matches_shards", "PROBES", "BASELINES", "ValProbe", "val_score"]
@@ -442,7 +441,7 @@ class ValProbe:
         was_training = encoder.training
         try:
             kw = dict(n_last=self.cfg.n_last, batch_size=self.cfg.feature_batch_size, device=device, progress=False,
-                      precision=resolve_precision(self.cfg.precision, device))
+                      precision=self.cfg.precision)
             tx = feats_mod.extract_features(encoder, self.train_images, desc="val-score train", **kw)
             vx = feats_mod.extract_features(encoder, self.val_images, desc="val-score val", **kw)
         finally:
