@@ -63,6 +63,7 @@ def _tiny(root: Path, total_steps: int = 6, checkpoint_every: int = 3) -> None:
         c.update(checkpoint_every=checkpoint_every, log_every=1, threads=1)
         c["masks"]["min_keep"] = 4
         p["pretrain"]["scenes"].pop("optimisation", None)  # steps come from `common` only here
+        p["pretrain"]["scenes"]["model"].pop("predictor", None)  # and the predictor from TINY_MODEL
 
     def probe(p):
         # n_last 1: the tiny encoder has 2 blocks, so no last-4-layer features
