@@ -232,6 +232,11 @@ def matmul_gflops(n: int = 2048, repeats: int = 7) -> float:
     return 2 * n ** 3 / statistics.median(times) / 1e9
 
 
+def _sig(x: float, digits: int = 3) -> float:
+    """`x` to `digits` significant figures."""
+    return float(f"{x:.{digits}g}")
+
+
 def _reset_peak_rss() -> bool:
     """Reset the kernel's peak-RSS counter of this process (Linux: clear_refs 5)."""
     try:
@@ -327,12 +332,13 @@ def run(img_size: int = 28, in_chans: int = 1, patch_size: int = 4, batch_size: 
         # the same naive code under our precision: what the code alone gains
         "naive_same_precision_img_s": round(batch_size / naive_same_s, 1),
         "ratio_same_precision": round(naive_same_s / med["ours"], 2),
-        "model_gflop_s": round(model_gflop_s, 2),
+        # significant figures, not decimals: a quick run's tiny model must not round to 0
+        "model_gflop_s": _sig(model_gflop_s),
         "matmul_gflop_s": round(mm, 1),
-        "flop_fraction": round(model_gflop_s / mm, 3),
+        "flop_fraction": _sig(model_gflop_s / mm),
         # against the matmul rate of the precision our step runs in (its real ceiling)
         "matmul_bf16_gflop_s": round(mm_rate["bf16"], 1),
-        "flop_fraction_own_precision": round(model_gflop_s / mm_rate[prec], 3),
+        "flop_fraction_own_precision": _sig(model_gflop_s / mm_rate[prec]),
         "peak_mem_mb": round(peak, 1),
         # extras
         "ours_fp32_img_s": round(batch_size / fp32_s, 1),
