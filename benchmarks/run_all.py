@@ -141,6 +141,19 @@ def section_quality(quick: bool, budget_s: float, seeds: int, datasets: tuple[st
     return bench_quality.run(datasets, budget_s=budget_s, seeds=seeds, quick=quick, work=work)
 
 
+def merge_quality(prev: Mapping[str, Any] | None, new: Mapping[str, Any], date: str) -> dict:
+    """Quality runs one dataset at a time (each takes ~45 min): keep the other datasets' figures.
+
+    Each dataset entry carries its own ``measured_at``; an entry from a run of the other kind
+    (quick smoke vs full) is dropped, so a smoke run never sits beside benchmark figures."""
+    fresh = {ds: {**r, "measured_at": date} for ds, r in new.items() if isinstance(r, dict)}
+    quick = any(r.get("quick") for r in fresh.values())
+    prev = dict(prev or {})
+    kept = {ds: {"measured_at": prev.get("measured_at"), **r} for ds, r in prev.items()
+            if isinstance(r, dict) and ds not in fresh and bool(r.get("quick")) == quick}
+    return {**kept, **fresh}
+
+
 # ---------------------------------------------------------------------------------- output
 def _fmt(v: Any, digits: int = 1) -> str:
     if v is None:
@@ -240,7 +253,8 @@ def render_markdown(res: Mapping[str, Any]) -> str:
                 continue
             probes = r.get("probes", [])
             lines += [f"### {ds}" + (" (quick smoke run: small data, NOT the benchmark)" if r.get("quick") else ""),
-                      "", f"Budget {_fmt(r.get('budget_s'), 0)} s of training per method, {r.get('seeds')} "
+                      "", (f"Measured {r['measured_at'][:10]}. " if r.get("measured_at") else "") +
+                      f"Budget {_fmt(r.get('budget_s'), 0)} s of training per method, {r.get('seeds')} "
                           f"pretraining seed(s), probe features of the last {r.get('n_last')} layers. "
                           f"Cells: mean ± std (n seeds; low-shot with one pretraining seed: std over its label subsets).", "",
                       "| model | " + " | ".join(probes) + " | training steps | train s | wall s |",
@@ -337,6 +351,7 @@ def main(argv: list[str] | None = None) -> dict:
             out = section_loader(a.quick, repeats, cons)
         elif name == "quality":
             out = section_quality(a.quick, budget, a.seeds, tuple(d for d in a.datasets.split(",") if d), a.work)
+            out = merge_quality(res.get("quality"), out, res["machine"]["date"])
         else:
             out = globals()[f"section_{name}"](a.quick, repeats)
         out = dict(out)

@@ -70,3 +70,16 @@ def test_repeat_median_and_spread(run_all):
     vals = iter([{"a": 1.0, "b": "x"}, {"a": 3.0, "b": "x"}, {"a": 2.0, "b": "x"}])
     out = run_all.repeat_median(lambda: next(vals), 3)
     assert out["a"] == 2.0 and out["spread"]["a"] == [1.0, 3.0] and out["b"] == "x" and out["repeats"] == 3
+
+
+def test_quality_run_of_one_dataset_keeps_the_others(run_all):
+    prev = {**FAKE_QUALITY, "measured_at": "2026-11-01T00:00:00", "seconds": 5.0,
+            "scenes": {"quick": False, "budget_s": 1.0, "ijepa": {"count": 0.1}}}
+    new = {"scenes": {"quick": False, "budget_s": 1200.0, "ijepa": {"count": 0.4}}}
+    out = run_all.merge_quality(prev, new, "2026-11-24T00:00:00")
+    assert out["scenes"]["ijepa"]["count"] == 0.4 and out["scenes"]["measured_at"] == "2026-11-24T00:00:00"
+    assert out["fashion_mnist"]["ijepa"] == FAKE_QUALITY["fashion_mnist"]["ijepa"]
+    assert out["fashion_mnist"]["measured_at"] == "2026-11-01T00:00:00"  # the old run's date, not today's
+    # a quick smoke run never sits beside benchmark figures
+    smoke = run_all.merge_quality(prev, {"scenes": {"quick": True, "ijepa": {"count": 0.2}}}, "d")
+    assert set(smoke) == {"scenes"}
