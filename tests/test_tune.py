@@ -202,6 +202,27 @@ def test_two_worker_processes_share_one_storage(tmp_path, shards, mlflow_uri):
     assert sorted(int(r.data.tags["optuna.trial"]) for r in children) == [0, 1, 2, 3]
 
 
+def test_sqlite_storage_takes_the_write_lock_when_a_transaction_begins(tmp_path):
+    """Two workers popping the same enqueued trial (optuna#4002) need the read-check-write of
+    its state to be atomic: while one worker's transaction is open, another cannot start one."""
+    import sqlite3
+
+    db = tmp_path / "optuna.db"
+    storage = tune.storage_for(f"sqlite:///{db}")
+    study = optuna.create_study(storage=storage, study_name="lock")
+    study.enqueue_trial({"x": 1.0})
+    with storage.engine.connect() as conn, conn.begin():
+        conn.exec_driver_sql("SELECT 1")
+        other = sqlite3.connect(db, timeout=0, isolation_level=None)
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            other.execute("BEGIN IMMEDIATE")
+        other.close()
+    # once it ends, a second storage (another worker) pops the waiting trial, and the first finds none
+    second = optuna.load_study(study_name="lock", storage=tune.storage_for(f"sqlite:///{db}"))
+    assert second._pop_waiting_trial_id() is not None
+    assert study._pop_waiting_trial_id() is None
+
+
 # ----------------------------------------------------------------------------- hand-off
 
 

@@ -252,17 +252,38 @@ def storage_for(url: str):
     import optuna
 
     engine_kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite:"):
+    sqlite = url.startswith("sqlite:")
+    if sqlite:
         path = url.split(":///", 1)[1] if ":///" in url else ""
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine_kwargs = {"connect_args": {"timeout": 300}}
+        # isolation_level None: pysqlite leaves transactions to us (see _serialize_sqlite_writes)
+        engine_kwargs = {"connect_args": {"timeout": 300, "isolation_level": None}}
     # Heartbeats: a trial whose worker died (killed, machine lost) is marked FAIL by the next
     # worker that starts a trial, instead of staying RUNNING forever.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs or None, heartbeat_interval=60,
-                                          grace_period=300)
+        storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs or None, heartbeat_interval=60,
+                                             grace_period=300)
+    if sqlite:
+        _serialize_sqlite_writes(storage.engine)
+    return storage
+
+
+def _serialize_sqlite_writes(engine) -> None:
+    """Every transaction on `engine` starts with BEGIN IMMEDIATE (it takes the write lock).
+
+    Optuna pops an enqueued trial by reading its state and setting it to RUNNING only if it
+    was WAITING, with SELECT ... FOR UPDATE, which SQLite ignores; with pysqlite's deferred
+    transactions two workers both read WAITING and both run the trial (optuna/optuna#4002;
+    here: the base-masks trial ran twice and one worker died on "Cannot tell a COMPLETE
+    trial"). With the lock taken at BEGIN the second worker reads RUNNING and moves on.
+    This is SQLAlchemy's documented pysqlite recipe (isolation_level None + a "begin" hook)."""
+    import sqlalchemy
+
+    @sqlalchemy.event.listens_for(engine, "begin")
+    def _begin_immediate(conn):
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def _pruner(cfg: TuneConfig):
