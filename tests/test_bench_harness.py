@@ -83,3 +83,21 @@ def test_quality_run_of_one_dataset_keeps_the_others(run_all):
     # a quick smoke run never sits beside benchmark figures
     smoke = run_all.merge_quality(prev, {"scenes": {"quick": True, "ijepa": {"count": 0.2}}}, "d")
     assert set(smoke) == {"scenes"}
+
+
+def test_step_time_sums_window_times_and_skips_start_up():
+    sys.path.insert(0, str(BENCH))
+    try:
+        bq = importlib.import_module("bench_quality")
+    finally:
+        sys.path.remove(str(BENCH))
+    # windows of 10, 10 and 5 steps at batch 4: 40 images at 10 img/s, 40 at 40, 20 at 20
+    rows = [{"step": "10", "img_per_s": "10.0"}, {"step": "20", "img_per_s": "40.0"},
+            {"step": "25", "img_per_s": "20.0"}]
+    assert bq.step_time(rows, batch=4) == (pytest.approx(4.0 + 1.0 + 1.0), 100)
+    # the total rate (100 / 6 s) is not the median window rate (20 img/s)
+    assert bq.step_time(rows, batch=4, skip_windows=1) == (pytest.approx(2.0), 60)
+    with pytest.raises(RuntimeError, match="step 20"):
+        bq.step_time([rows[0], {"step": "20", "img_per_s": ""}], batch=4)
+    with pytest.raises(RuntimeError, match="no timed log windows"):
+        bq.step_time(rows[:1], batch=4, skip_windows=1)
