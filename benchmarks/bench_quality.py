@@ -8,7 +8,8 @@ and low-shot on its `cls` label):
            (reused when the same config was sharded before);
 2. budget  both methods get the SAME wall-clock budget for their training steps. How: a short
            calibration run of each method (``calib_steps`` steps, same config, thrown away)
-           measures its steps/s on this machine (total time of its log windows after the first), then ``total_steps = budget_s * steps/s`` and
+           measures its steps/s on this machine (the total time of its log windows after the
+           first, see `step_time`), then ``total_steps = budget_s * steps/s`` and
            the real run is a normal fixed-step run of that length (warm-up = the same fraction
            of it as in the project's parameters), so the lr / wd / EMA schedules are complete
            cosine/linear schedules, exactly as in a run of that length. The measured wall-clock
