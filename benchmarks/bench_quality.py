@@ -145,10 +145,11 @@ def step_time(rows: list[Mapping[str, Any]], batch: int, skip_windows: int = 0) 
     return seconds, images
 
 
-def _history(run_dir: Path) -> list[dict]:
+def _history(summary: Mapping[str, Any]) -> list[dict]:
+    """The loss-history rows of a finished run (the CSV its summary names)."""
     import csv
 
-    with open(run_dir / "loss.csv", newline="") as f:
+    with open(summary["loss_csv"], newline="") as f:
         return list(csv.DictReader(f))
 
 
@@ -168,8 +169,8 @@ def pretrain_for_budget(dataset: str, method: str, seed: int, shards: Path, work
     window = max(1, calib_steps // 6)
     calib = deep_merge(base, {"optimisation": {"total_steps": calib_steps, "warmup_steps": 1},
                               "log_every": window, "checkpoint_every": 10 ** 9, "data": {"verify": False}})
-    run_pretraining(calib, shards, calib_dir)
-    c_s, c_img = step_time(_history(calib_dir), batch, skip_windows=1 if calib_steps >= 2 * window else 0)
+    c_s, c_img = step_time(_history(run_pretraining(calib, shards, calib_dir)), batch,
+                           skip_windows=1 if calib_steps > window else 0)
     sps = c_img / batch / c_s
     total = max(calib_steps, int(budget_s * sps))
     cfg = deep_merge(base, {"optimisation": {"total_steps": total, "warmup_steps": max(1, int(warm_frac * total))},
@@ -179,7 +180,7 @@ def pretrain_for_budget(dataset: str, method: str, seed: int, shards: Path, work
     t0 = time.perf_counter()
     summary = run_pretraining(cfg, shards, run_dir)
     wall = time.perf_counter() - t0
-    train_s, images = step_time(_history(run_dir), batch)
+    train_s, images = step_time(_history(summary), batch)
     shutil.rmtree(calib_dir, ignore_errors=True)
     return {"encoder_dir": summary["encoder_dir"], "steps": total, "calib_steps_per_s": round(sps, 3),
             "train_s": round(train_s, 1), "wall_s": round(wall, 1), "img_per_s": round(images / train_s, 1),
