@@ -26,7 +26,8 @@ and low-shot on its `cls` label):
 
 Seeds: ``seeds`` pretraining seeds (0, 1, ...) per method; each figure is the mean over seeds
 with `<probe>_std` (sample std over pretraining seeds; for low-shot with one pretraining seed,
-the std over its `lowshot_seeds` label subsets) and `n_seeds`. Targets (issue 7) are checked
+the std over its `lowshot_seeds` label subsets) and `n_seeds`. Seed k is also the probe seed, so
+it draws the low-shot label subsets k, k+1, ...: the spread over seeds holds both. Targets (issue 7) are checked
 and recorded, never asserted.
 
     python benchmarks/bench_quality.py --budget-s 1200            # the full run (about 2 h, see README)

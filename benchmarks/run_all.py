@@ -165,6 +165,22 @@ def _fmt(v: Any, digits: int = 1) -> str:
     return str(v)
 
 
+def quality_cell(entry: Mapping[str, Any], probe: str) -> str:
+    """One model's probe figure: mean ± sample std over pretraining seeds, then n and each
+    seed's value. With one seed there is no spread over seeds: no ±, except low-shot, whose ±
+    is then the spread over its label subsets (the caption says so)."""
+    if probe not in entry:
+        return "–"
+    n = int(entry.get("n_seeds") or 1)
+    mean, std = float(entry[probe]), float(entry.get(probe + "_std") or 0.0)
+    if n >= 2:
+        per_seed = ", ".join(f"{float(v):.4f}" for v in entry.get(probe + "_per_seed") or [])
+        return f"{mean:.4f} ± {std:.4f} (n={n}" + (f": {per_seed})" if per_seed else ")")
+    if probe == "lowshot" and std > 0:
+        return f"{mean:.4f} ± {std:.4f} (n=1)"
+    return f"{mean:.4f} (n=1)"
+
+
 def _spread(sec: Mapping[str, Any], key: str, digits: int = 1) -> str:
     s = (sec.get("spread") or {}).get(key)
     return f"{_fmt(float(s[0]), digits)} – {_fmt(float(s[1]), digits)}" if s else ""
@@ -256,19 +272,16 @@ def render_markdown(res: Mapping[str, Any]) -> str:
                       "", (f"Measured {r['measured_at'][:10]}. " if r.get("measured_at") else "") +
                       f"Budget {_fmt(r.get('budget_s'), 0)} s of training per method, {r.get('seeds')} "
                           f"pretraining seed(s), probe features of the last {r.get('n_last')} layers. "
-                          f"Cells: mean ± std (n seeds; low-shot with one pretraining seed: std over its label subsets).", "",
+                          f"Cells: mean ± sample std over pretraining seeds (n, then each seed's figure); with one "
+                          f"seed no ±, except low-shot, whose ± is then over its label subsets. Seed k also draws "
+                          f"the low-shot label subsets from k. Pixels do not depend on the seed (n=1).", "",
                       "| model | " + " | ".join(probes) + " | training steps | train s | wall s |",
                       "|---|" + "---|" * (len(probes) + 3)]
             for model in ("ijepa", "mae", "random_init", "pixels"):
                 e = r.get(model)
                 if not e:
                     continue
-                cells = []
-                for p in probes:
-                    if p in e:
-                        cells.append(f"{e[p]:.4f} ± {e.get(p + '_std', 0):.4f} (n={e.get('n_seeds')})")
-                    else:
-                        cells.append("–")
+                cells = [quality_cell(e, p) for p in probes]
                 pre = e.get("pretrain") or []
                 steps = "/".join(str(x["steps"]) for x in pre) or "–"
                 tr = "/".join(_fmt(x.get("train_s"), 0) for x in pre) or "–"

@@ -53,10 +53,19 @@ def test_quick_speed_run_writes_results_and_merges(run_all, tmp_path):
     assert res["gpu"].get("measured") is True or "not measured" in saved["gpu"]["note"]
     md = (tmp_path / "RESULTS.md").read_text()
     for needle in ("## Machine", "| CPU |", "torch", "train step, img/s", "mask collator", "loader",
-                   "### GPU", "## Quality at equal compute", "### fashion_mnist", "0.8500 ± 0.0000 (n=1)"):
+                   "### GPU", "## Quality at equal compute", "### fashion_mnist", "| 0.8500 (n=1) | 0.7000 ± 0.0100 (n=1) |"):
         assert needle in md, needle
     if not res["gpu"].get("measured"):
         assert "not measured" in md
+
+
+def test_quality_cell_shows_the_spread_only_where_there_is_one(run_all):
+    two = {"n_seeds": 2, "linear": 0.86, "linear_std": 0.0042, "linear_per_seed": [0.857, 0.863]}
+    assert run_all.quality_cell(two, "linear") == "0.8600 ± 0.0042 (n=2: 0.8570, 0.8630)"
+    one = {"n_seeds": 1, "linear": 0.86, "linear_std": 0.0, "lowshot": 0.76, "lowshot_std": 0.004}
+    assert run_all.quality_cell(one, "linear") == "0.8600 (n=1)"  # no spread over seeds to show
+    assert run_all.quality_cell(one, "lowshot") == "0.7600 ± 0.0040 (n=1)"  # over label subsets
+    assert run_all.quality_cell(one, "depth") == "–"
 
 
 def test_only_rejects_unknown_sections(run_all):
