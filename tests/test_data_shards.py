@@ -70,6 +70,22 @@ def test_jpg_and_grey_roundtrip(tmp_path):
         assert np.abs(x[i].permute(1, 2, 0).numpy() - img).mean() < 6.0
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_decoded_images_own_writable_memory(channels):
+    # np.asarray(PIL image) is a read-only view; a tensor over it warns and must not be written
+    import io
+
+    from PIL import Image
+
+    from ijepa.data import reader
+
+    buf = io.BytesIO()
+    Image.fromarray(np.arange(48, dtype=np.uint8).reshape(4, 4, 3)).save(buf, format="png")
+    assert reader._decode_image(buf.getvalue(), channels).flags.writeable
+    img, labels = reader.decode_sample({"png": buf.getvalue(), "cls": b"7"}, channels, ["cls"])
+    assert img.shape == (channels, 4, 4) and labels == {"cls": 7}
+
+
 def test_byte_identical_rerun(tmp_path, scenes_dir):
     shard_dataset(TINY, tmp_path / "again", progress=False)
     for name in tars(scenes_dir) + ["manifest.json"]:

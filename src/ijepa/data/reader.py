@@ -169,7 +169,7 @@ def _decode_image(data: bytes, channels: int) -> np.ndarray:
     with Image.open(io.BytesIO(data)) as im:
         if im.mode != ("L" if channels == 1 else "RGB"):
             im = im.convert("L" if channels == 1 else "RGB")
-        arr = np.asarray(im, dtype=np.uint8)
+        arr = np.array(im, dtype=np.uint8)  # a writable copy: asarray views PIL's read-only buffer
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
