@@ -22,7 +22,20 @@ help:
 	@echo "make tune   Optuna mask-ratio search (opt-in);  make apply-best  hands the winner to dvc repro"
 	@echo "make bench  speed and quality benchmarks -> benchmarks/RESULTS.md"
 
+# A fresh venv takes about 7 GB (torch 2.14.1 brings its CUDA libraries even on CPU machines):
+# refuse early with the numbers rather than let pip fail half-way with "No space left on device".
+MIN_FREE_GB ?= 8
+
 $(VENV)/.installed: requirements.txt pyproject.toml
+	@if [ ! -x $(PY) ]; then \
+	  mkdir -p $(dir $(abspath $(VENV))); \
+	  free_gb=$$(df -Pk $(dir $(abspath $(VENV))) | awk 'NR == 2 {print int($$4 / 1048576)}'); \
+	  if [ "$$free_gb" -lt $(MIN_FREE_GB) ]; then \
+	    echo "setup: $$free_gb GB free under $(dir $(abspath $(VENV))), a fresh $(VENV) needs about $(MIN_FREE_GB) GB" >&2; \
+	    echo "setup: free some space, or run with MIN_FREE_GB=0 to try anyway" >&2; \
+	    exit 1; \
+	  fi; \
+	fi
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
