@@ -25,13 +25,14 @@ help:
 # A fresh venv takes about 7 GB (torch 2.14.1 brings its CUDA libraries even on CPU machines):
 # refuse early with the numbers rather than let pip fail half-way with "No space left on device".
 MIN_FREE_GB ?= 8
+VENV_PARENT = $(dir $(abspath $(VENV)))
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	@if [ ! -x $(PY) ]; then \
-	  mkdir -p $(dir $(abspath $(VENV))); \
-	  free_gb=$$(df -Pk $(dir $(abspath $(VENV))) | awk 'NR == 2 {print int($$4 / 1048576)}'); \
+	  mkdir -p $(VENV_PARENT); \
+	  free_gb=$$(df -Pk $(VENV_PARENT) | awk 'NR == 2 {print int($$4 / 1048576)}'); \
 	  if [ "$$free_gb" -lt $(MIN_FREE_GB) ]; then \
-	    echo "setup: $$free_gb GB free under $(dir $(abspath $(VENV))), a fresh $(VENV) needs about $(MIN_FREE_GB) GB" >&2; \
+	    echo "setup: $$free_gb GB free under $(VENV_PARENT), a fresh $(VENV) needs about $(MIN_FREE_GB) GB" >&2; \
 	    echo "setup: free some space, or run with MIN_FREE_GB=0 to try anyway" >&2; \
 	    exit 1; \
 	  fi; \
