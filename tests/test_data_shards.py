@@ -1,6 +1,7 @@
 """Sharding + reading: round trip, byte-identical reruns, atomicity, verification, config errors, DDP reads."""
 from __future__ import annotations
 
+import io
 import json
 import signal
 import subprocess
@@ -11,8 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import ijepa.data.shards as shards_mod
+from ijepa.data import reader
 from ijepa.config import ConfigError, from_mapping
 from ijepa.data import (ManifestMissingError, ShardConfig, ShardError, UnknownSplitError, load_manifest, load_split,
                         make_loader, make_pipeline, shard_dataset, split_urls, verify_shards)
@@ -73,12 +76,6 @@ def test_jpg_and_grey_roundtrip(tmp_path):
 @pytest.mark.parametrize("channels", [1, 3])
 def test_decoded_images_own_writable_memory(channels):
     # np.asarray(PIL image) is a read-only view; a tensor over it warns and must not be written
-    import io
-
-    from PIL import Image
-
-    from ijepa.data import reader
-
     buf = io.BytesIO()
     Image.fromarray(np.arange(48, dtype=np.uint8).reshape(4, 4, 3)).save(buf, format="png")
     assert reader._decode_image(buf.getvalue(), channels).flags.writeable
