@@ -1,12 +1,13 @@
 # The README's two commands: `make run` (set up + the whole default job) and `make test`.
 # Set-up is part of every target: a venv, the pinned installs, the Fashion-MNIST package.
+# requirements.txt is the runtime set (every target); requirements-test.txt only `make test` adds.
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(abspath $(VENV))/bin
 FASHION_DIR ?= /usr/share/datasets/fashion-mnist
 
-# Telemetry and analytics off everywhere (DESIGN §6); headless plots.
+# Telemetry and analytics off everywhere (no network calls from a run); headless plots.
 export KEDRO_DISABLE_TELEMETRY := 1
 export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
@@ -43,6 +44,13 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
+# Test-only extras (pytest, selenium), a stamp of their own: `make run` never installs them, and a
+# change of requirements-test.txt re-runs only this step. Order-only on the runtime stamp: the
+# venv must exist first, but a runtime re-install does not force this one again.
+$(VENV)/.installed-test: requirements-test.txt | $(VENV)/.installed
+	$(PY) -m pip install -q -r requirements-test.txt
+	touch $@
+
 # Real images for the default job: Debian's dataset-fashion-mnist (no download at run time).
 fashion-mnist:
 	@if ls $(FASHION_DIR)/*ubyte.gz >/dev/null 2>&1; then :; \
@@ -59,7 +67,7 @@ setup: $(VENV)/.installed fashion-mnist
 run: setup
 	dvc repro
 
-test: setup
+test: setup $(VENV)/.installed-test
 	$(PY) -m pytest -q
 
 ui: setup
