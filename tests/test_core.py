@@ -5,13 +5,11 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from ijepa import atomic, load_encoder
 from ijepa.config import ConfigError, as_dict, deep_merge, from_mapping, require
 from ijepa.export import EncoderFileError, save_encoder
-from ijepa.models import (EncoderConfig, ModelConfig, Predictor, PredictorConfig, ViTEncoder,
-                          build, preset, target_representations)
+from ijepa.models import EncoderConfig, Predictor, PredictorConfig, ViTEncoder, preset
 
 TINY = EncoderConfig(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2)
 TINY_PRED = PredictorConfig(embed_dim=16, depth=1, num_heads=2)
@@ -106,18 +104,6 @@ def test_predictor_output_order_is_block_major():
     assert torch.allclose(out[1 * 2 + 1], one[0], atol=1e-5)
 
 
-def test_targets_are_layer_normed_without_affine_and_gathered():
-    torch.manual_seed(0)
-    enc = ViTEncoder(TINY).eval()
-    x = torch.rand(3, 1, 16, 16)
-    tgt = torch.tensor([[[0, 5]] * 3, [[10, 15]] * 3])
-    t = target_representations(enc, x, tgt)
-    assert t.shape == (6, 2, 32) and not t.requires_grad
-    h = F.layer_norm(enc(x), (32,))
-    assert torch.allclose(t[3 + 2, 1], h[2, 15], atol=1e-5)
-    assert torch.allclose(t.mean(-1), torch.zeros(6, 2), atol=1e-5)
-
-
 def test_features_concatenate_last_layers():
     enc = ViTEncoder(TINY).eval()
     x = torch.rand(2, 1, 16, 16)
@@ -127,7 +113,7 @@ def test_features_concatenate_last_layers():
 
 
 def test_encoder_export_round_trip_and_errors(tmp_path):
-    enc, _ = build(ModelConfig(TINY, TINY_PRED))
+    enc = ViTEncoder(TINY)
     save_encoder(enc, tmp_path / "enc", metadata={"dataset": "unit"})
     loaded = load_encoder(tmp_path / "enc")
     x = torch.rand(2, 1, 16, 16)

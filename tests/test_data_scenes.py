@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ijepa.data.common import rng_for
 from ijepa.data.config import ScenesConfig
 from ijepa.data.scenes import (GEOMETRY, SHAPES, SceneLayout, ScenesSource, depth_bin, generate, label_schema,
                                make_scene, render, sample_layout, scene_labels, visible_pixels)
+from ijepa.seeding import rng_for
 
 
 def test_generate_is_deterministic_per_image_and_split_independent():

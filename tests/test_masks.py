@@ -6,11 +6,10 @@ import time
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from ijepa.config import ConfigError, from_mapping
-from ijepa.masks import (BlockMasks, MaskCollator, MaskConfig, MaskGenerator, Masks,
-                         MaskSamplingError, derive_seed, make_generator)
+from ijepa.masks import (BlockMasks, MaskConfig, MaskGenerator, Masks, MaskSamplingError, derive_seed,
+                         make_generator)
 
 PAPER = MaskConfig()
 
@@ -223,57 +222,6 @@ def test_config_from_mapping_and_bad_grid():
         MaskGenerator(PAPER, (0, 14))
     with pytest.raises(ConfigError, match="enc_scale"):
         MaskGenerator(MaskConfig(enc_scale=(0.9, 0.5)), (14, 14))
-
-
-class _DS(torch.utils.data.Dataset):
-    def __init__(self, n=24, kind="tuple"):
-        self.n, self.kind = n, kind
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        img = torch.full((1, 8, 8), float(i))
-        if self.kind == "tuple":
-            return img, i
-        if self.kind == "dict":
-            return {"image": img, "count": i, "depth": i % 3}
-        return img
-
-
-@pytest.mark.parametrize("kind", ["tuple", "dict", "plain"])
-def test_collator_stacks_and_masks(kind):
-    coll = MaskCollator(MaskConfig(min_keep=4), (4, 4), seed=3)
-    ds = _DS(kind=kind)
-    out = coll([ds[i] for i in range(6)])
-    assert out["images"].shape == (6, 1, 8, 8)
-    assert out["masks"].batch_size == 6 and out["masks"].grid == (4, 4)
-    if kind == "tuple":
-        assert out["labels"].tolist() == list(range(6))
-    elif kind == "dict":
-        assert out["labels"]["count"].tolist() == list(range(6))
-        assert out["labels"]["depth"].tolist() == [i % 3 for i in range(6)]
-    else:
-        assert "labels" not in out
-
-
-def test_collator_seeding_in_dataloader_workers():
-    def masks(num_workers, seed=0):
-        coll = MaskCollator(MaskConfig(min_keep=4), (4, 4), seed=seed)
-        dl = DataLoader(_DS(32), batch_size=4, collate_fn=coll, num_workers=num_workers,
-                        generator=torch.Generator().manual_seed(123))
-        return [(b["masks"].context, b["masks"].targets) for b in dl]
-
-    def same(a, b):
-        return all(x[0].shape == y[0].shape and torch.equal(x[0], y[0]) and torch.equal(x[1], y[1])
-                   for x, y in zip(a, b))
-
-    main = masks(0)
-    assert same(main, masks(0)) and not same(main, masks(0, seed=1))
-    assert len({tuple(t.reshape(-1).tolist()) for _, t in main}) == len(main)  # batches differ
-    w = masks(2)
-    assert same(w, masks(2))  # reproducible with workers, given the loader's generator
-    assert len({tuple(t.reshape(-1).tolist()) for _, t in w}) == len(w)  # workers differ
 
 
 def test_masks_to_device_and_blocks_type():

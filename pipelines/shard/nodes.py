@@ -1,13 +1,13 @@
 """Shard stage: one source -> WebDataset tars + manifest (ijepa.data does the work)."""
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
 import mlflow
 
 from ijepa.data import shard_dataset
+from ijepa.hashing import file_sha256
 from ijepa.viz.samples import plot_samples
 from ijepa_kedro.params import for_dataset
 
@@ -16,7 +16,7 @@ def shard(params: dict[str, Any], dataset: str, out_dir: Path) -> tuple[dict, di
     cfg = {"dataset": dataset, **for_dataset(params, dataset, "shard")}
     result = shard_dataset(cfg, out_dir, progress=True)
     manifest = result.manifest
-    sha = hashlib.sha256((Path(out_dir) / "manifest.json").read_bytes()).hexdigest()
+    sha = file_sha256(Path(out_dir) / "manifest.json")
     mlflow.set_tag("output.manifest_sha256", sha)
     splits = manifest["splits"]
     summary = {

@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from ijepa import atomic
 from ijepa.config import ConfigError, as_dict, from_mapping
+from ijepa.hashing import file_sha256  # re-exported: the trainer and pipelines import it from here
 from ijepa.models import EncoderConfig, ViTEncoder
 
 WEIGHTS = "encoder.safetensors"
@@ -23,14 +23,6 @@ CONFIG = "encoder.json"
 
 class EncoderFileError(RuntimeError):
     """An exported encoder is missing, unreadable or inconsistent."""
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_encoder(encoder: ViTEncoder, out_dir: str | Path, metadata: dict[str, Any] | None = None) -> Path:

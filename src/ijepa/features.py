@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from ijepa.atomic import atomic_path

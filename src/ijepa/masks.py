@@ -1,4 +1,4 @@
-"""Multi-block masking for I-JEPA (DESIGN.md §3), vectorised over the batch.
+"""Multi-block masking for I-JEPA (the paper's context and target blocks), vectorised over the batch.
 
 Per batch, one target block size and one context block size are drawn (scale and aspect
 ratio each from its OWN uniform draw), so every image's target lists have the same length
@@ -18,26 +18,23 @@ favour any region of the image.
 Indices are row-major patch positions in the grid: ``r * W + c``.
 
 Randomness comes only from the `torch.Generator` passed to `MaskGenerator.__call__`: the
-training loop can seed it from ``(seed, step)`` (see `make_generator`) and resume exactly
-without saved state. `MaskCollator` does the same inside DataLoader workers.
+training loop seeds it from ``(seed, step)`` (`make_generator`, from ijepa.seeding and
+re-exported here) and resumes exactly without saved state.
 """
 from __future__ import annotations
 
-from typing import Literal
-
-import hashlib
 import math
 import operator
 from dataclasses import dataclass, replace
-from typing import Any, Mapping, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
-from torch.utils.data import default_collate, get_worker_info
 
 from ijepa.config import ConfigError, require
+from ijepa.seeding import derive_seed, make_generator  # re-exported: the trainer imports them from here
 
 __all__ = [
-    "MaskConfig", "Masks", "BlockMasks", "MaskGenerator", "MaskCollator", "MaskSamplingError",
+    "MaskConfig", "Masks", "BlockMasks", "MaskGenerator", "MaskSamplingError",
     "derive_seed", "make_generator", "block_shape",
 ]
 
@@ -95,19 +92,6 @@ def block_shape(scale: float, aspect: float, grid: tuple[int, int]) -> tuple[int
     h = int(math.floor(math.sqrt(area * aspect) + 0.5))
     w = int(math.floor(math.sqrt(area / aspect) + 0.5))
     return min(max(h, 1), H), min(max(w, 1), W)
-
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed mixed from integers (e.g. (seed, step)); no collisions like (1,2)/(2,1)."""
-    data = b"ijepa-masks:" + b",".join(str(int(p)).encode() for p in parts)
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
-
-
-def make_generator(*parts: int) -> torch.Generator:
-    """A CPU torch.Generator seeded from `derive_seed(*parts)`, e.g. make_generator(seed, step)."""
-    g = torch.Generator()
-    g.manual_seed(derive_seed(*parts))
-    return g
 
 
 def _to(t: torch.Tensor, device, non_blocking: bool) -> torch.Tensor:
@@ -321,63 +305,3 @@ class MaskGenerator:
         if self.cfg.context_policy == "pad":
             return self.pad(blocks)
         return self.truncate(blocks, generator)
-
-
-def _split_sample(sample: Any, image_key: str) -> tuple[Any, Any]:
-    if isinstance(sample, torch.Tensor):
-        return sample, None
-    if isinstance(sample, Mapping):
-        if image_key not in sample:
-            raise KeyError(f"MaskCollator: sample has no {image_key!r} key (keys: {sorted(sample)})")
-        rest = {k: v for k, v in sample.items() if k != image_key}
-        return sample[image_key], (rest or None)
-    if isinstance(sample, (tuple, list)):
-        if len(sample) == 1:
-            return sample[0], None
-        return sample[0], (sample[1] if len(sample) == 2 else tuple(sample[1:]))
-    raise TypeError(f"MaskCollator: unsupported sample type {type(sample).__name__}")
-
-
-class MaskCollator:
-    """DataLoader `collate_fn`: stacks images (and labels) and adds a batch of masks.
-
-    Samples may be an image tensor [C, H, W], a tuple/list (image, label, ...), or a mapping
-    with the image under `image_key` (the other keys become the labels). Returns
-    ``{"images": Tensor[B, C, H, W], "masks": Masks}`` plus ``"labels"`` (default_collate of
-    the labels) when samples carry any.
-
-    Seeding: batch k produced by this copy of the collator uses the generator
-    ``make_generator(seed, stream, k)``, where `stream` is ``get_worker_info().seed`` inside
-    a DataLoader worker (= the loader's per-iterator base seed + worker id, so workers differ
-    and each new epoch's iterator differs; deterministic when the DataLoader is given a
-    seeded `generator=`) and 0 in the main process; k counts calls in that process. Fully
-    reproducible given the seed and the DataLoader's generator. For exact resume from a
-    step with no saved state, call `MaskGenerator` in the training loop with
-    ``make_generator(seed, step)`` instead (a 256-batch costs well under a millisecond).
-    """
-
-    def __init__(self, cfg: MaskConfig, grid: tuple[int, int] | Sequence[int], seed: int = 0,
-                 image_key: str = "image"):
-        self.generator = MaskGenerator(cfg, grid)
-        self.seed = int(seed)
-        self.image_key = image_key
-        self._count = 0
-
-    def next_generator(self) -> torch.Generator:
-        info = get_worker_info()
-        stream = int(info.seed) if info is not None else 0
-        g = make_generator(self.seed, stream, self._count)
-        self._count += 1
-        return g
-
-    def __call__(self, samples: Sequence[Any]) -> dict[str, Any]:
-        if len(samples) == 0:
-            raise ValueError("MaskCollator: empty batch")
-        images, labels = zip(*(_split_sample(s, self.image_key) for s in samples))
-        out: dict[str, Any] = {"images": torch.stack([torch.as_tensor(x) for x in images])}
-        if any(lab is not None for lab in labels):
-            if any(lab is None for lab in labels):
-                raise ValueError("MaskCollator: some samples have labels and some do not")
-            out["labels"] = default_collate(list(labels))
-        out["masks"] = self.generator(len(samples), self.next_generator())
-        return out

@@ -82,7 +82,7 @@ class ModelConfig:
     predictor: PredictorConfig = field(default_factory=PredictorConfig)
 
 
-# Paper shapes (ViT-B/L/H); predictor depth 12 for L/H, width 384 (DESIGN §3).
+# Paper shapes (ViT-B/L/H); predictor depth 12 for L/H, width 384 (I-JEPA paper, appendix).
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(EncoderConfig(), PredictorConfig()),
     "vit_b16": ModelConfig(
@@ -255,28 +255,11 @@ class Predictor(nn.Module):
         return self.proj(x)
 
 
-def target_representations(target_encoder: ViTEncoder, images: torch.Tensor,
-                           tgt_idx: torch.Tensor) -> torch.Tensor:
-    """Full image through the target encoder, layer_norm without affine, gathered per block.
-
-    Returns [M * B, Nt, D] in the same block-major order as Predictor.forward.
-    """
-    with torch.no_grad():
-        h = target_encoder(images)
-        h = F.layer_norm(h, (h.shape[-1],))
-        m, b, nt = tgt_idx.shape
-        return gather_tokens(h.repeat(m, 1, 1), tgt_idx.reshape(m * b, nt))
-
-
-def build(cfg: ModelConfig) -> tuple[ViTEncoder, Predictor]:
-    return ViTEncoder(cfg.encoder), Predictor(cfg.encoder, cfg.predictor)
-
-
 def count_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
 __all__: Sequence[str] = [
     "EncoderConfig", "PredictorConfig", "ModelConfig", "PRESETS", "preset", "gather_tokens",
-    "ViTEncoder", "Predictor", "target_representations", "build", "count_params",
+    "ViTEncoder", "Predictor", "count_params",
 ]

@@ -1,4 +1,4 @@
-"""Downstream probes of a frozen, exported encoder (DESIGN §3 "Evaluation", §4).
+"""Downstream probes of a frozen, exported encoder (the paper's linear / low-shot evaluation).
 
 `run_probes(cfg, encoder_path, shard_dir, cache_dir)` runs, in one call and through the same
 code for every model:
@@ -23,7 +23,6 @@ seed is reproducible and the seeds differ; the same subsets are used for every m
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import time
@@ -35,7 +34,8 @@ import torch
 
 from ijepa import features as feats_mod
 from ijepa.config import ConfigError, as_dict, from_mapping, require
-from ijepa.export import EncoderFileError, _resolve, file_sha256, load_encoder, read_encoder_info
+from ijepa.export import EncoderFileError, _resolve, load_encoder, read_encoder_info
+from ijepa.hashing import file_sha256
 from ijepa.linear import LinearProbe, confusion_matrix, fit_linear_probe
 from ijepa.models import EncoderConfig, ViTEncoder
 
@@ -291,7 +291,7 @@ def run_probes(cfg: ProbeConfig | Mapping[str, Any] | None, encoder_path: str | 
     sha = file_sha256(weights)
 
     splits = _load_shards(shard_dir, cfg)
-    fingerprint = hashlib.sha256((shard_dir / "manifest.json").read_bytes()).hexdigest()
+    fingerprint = file_sha256(shard_dir / "manifest.json")
     for name, split in splits.items():  # the decoded images are authoritative
         c, h, w = split.images.shape[1:]
         check_encoder_matches_shards(enc_cfg, (c, h, w), encoder_path, f"{shard_dir} (split {name})")

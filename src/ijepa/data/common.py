@@ -1,13 +1,14 @@
-"""Shared pieces of the data sources: the sample type, the source interface, seeding, encoding."""
+"""Shared pieces of the data sources: the sample type, the source interface, encoding.
+
+Seeding (`rng_for`) lives in ijepa.seeding with the project's other seed mixers."""
 from __future__ import annotations
 
 import io
-import zlib
 from typing import Any, Iterator, NamedTuple, Protocol
 
 import numpy as np
 
-__all__ = ["Sample", "Source", "split_code", "rng_for", "encode_image", "decode_image_bytes", "to_hwc"]
+__all__ = ["Sample", "Source", "encode_image"]
 
 
 class Sample(NamedTuple):
@@ -39,17 +40,6 @@ class Source(Protocol):
     def skipped(self, split: str) -> dict[str, int]: ...
 
 
-def split_code(split: str) -> int:
-    """A stable integer for a split name (crc32), used in seeds so splits draw independently."""
-    return zlib.crc32(split.encode("utf-8"))
-
-
-def rng_for(*parts: int | str) -> np.random.Generator:
-    """numpy Generator seeded from integers/strings, e.g. rng_for(seed, "train", index)."""
-    ints = [split_code(p) if isinstance(p, str) else int(p) for p in parts]
-    return np.random.default_rng(ints)
-
-
 def encode_image(img: np.ndarray, fmt: str = "png", jpeg_quality: int = 95, png_compress_level: int = 6) -> bytes:
     """uint8 HxW, HxWx1 or HxWx3 -> PNG or JPEG bytes (no timestamps or other varying metadata)."""
     from PIL import Image
@@ -66,17 +56,3 @@ def encode_image(img: np.ndarray, fmt: str = "png", jpeg_quality: int = 95, png_
     else:
         raise ValueError(f"unknown image format {fmt!r} (png or jpg)")
     return buf.getvalue()
-
-
-def decode_image_bytes(data: bytes, channels: int) -> np.ndarray:
-    """PNG/JPEG bytes -> uint8 HxWxC (C = channels: 1 grey, 3 RGB)."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        arr = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.uint8)
-    return arr[:, :, None] if arr.ndim == 2 else arr
-
-
-def to_hwc(img: np.ndarray) -> np.ndarray:
-    """HxW -> HxWx1; HxWxC unchanged."""
-    return img[:, :, None] if img.ndim == 2 else img

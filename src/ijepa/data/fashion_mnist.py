@@ -14,8 +14,9 @@ from typing import Iterator
 
 import numpy as np
 
-from ijepa.data.common import Sample, rng_for
+from ijepa.data.common import Sample
 from ijepa.data.config import FashionMnistConfig
+from ijepa.seeding import rng_for
 
 __all__ = ["CLASSES", "FILES", "IdxError", "read_idx", "load_fashion_mnist", "FashionMnistSource"]
 

@@ -29,8 +29,9 @@ from typing import Iterator
 
 import numpy as np
 
-from ijepa.data.common import Sample, rng_for
+from ijepa.data.common import Sample
 from ijepa.data.config import ImageFolderConfig
+from ijepa.seeding import rng_for
 
 __all__ = ["ImageFolderError", "ImageFolderSource", "load_image", "SPLIT_DIRS", "SKIP_REASONS"]
 

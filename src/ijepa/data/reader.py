@@ -4,7 +4,7 @@
   presence, size and sha256; ``split_urls(shard_dir, split)`` -> shard paths in manifest order.
 - ``load_split(shard_dir, split, labels=True)`` -> (uint8 [N, C, H, W], {label: LongTensor [N]}),
   in shard order (= the order the samples were written).
-- ``make_pipeline(...)`` / ``make_loader(...)``: WebDataset streaming (DESIGN.md §5).
+- ``make_pipeline(...)`` / ``make_loader(...)``: WebDataset streaming for training (below).
 
 Determinism of the streams (exact resume): every random choice is seeded explicitly from
 ``(seed, epoch, rank, worker)`` -- never from the clock or the pid -- so for fixed
@@ -27,7 +27,6 @@ every run. Build a new pipeline or loader for each epoch (it is cheap), passing 
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -38,6 +37,9 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
+
+from ijepa.hashing import file_sha256
+from ijepa.seeding import stream_seed  # also importable from here, as before
 
 __all__ = ["ShardError", "ManifestMissingError", "UnknownSplitError", "load_manifest", "verify_shards",
            "split_urls", "split_size", "label_names", "decode_sample", "make_pipeline", "make_loader",
@@ -122,14 +124,6 @@ def label_names(manifest: dict[str, Any]) -> list[str]:
     return list(manifest.get("labels") or {})
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def verify_shards(shard_dir: str | Path, splits: Sequence[str] | None = None) -> dict[str, Any]:
     """Check that every shard listed in the manifest exists with the recorded size and sha256.
 
@@ -151,7 +145,7 @@ def verify_shards(shard_dir: str | Path, splits: Sequence[str] | None = None) ->
             if size != s["bytes"]:
                 raise ShardError(f"shard {path} has {size} bytes, the manifest says {s['bytes']} (altered or "
                                  f"truncated)")
-            digest = _sha256(path)
+            digest = file_sha256(path)
             if digest != s["sha256"]:
                 raise ShardError(f"shard {path} sha256 {digest} does not match the manifest ({s['sha256']}): "
                                  f"the file was altered")
@@ -224,12 +218,6 @@ def _collate(samples: list[Any]) -> Any:
 
 
 # ----------------------------------------------------------------------------- streaming
-def stream_seed(*parts: int | str) -> int:
-    """A 63-bit seed mixed from (seed, epoch, rank, worker, stage name ...)."""
-    data = b"ijepa-data:" + b",".join(str(p).encode() for p in parts)
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
-
-
 def _worker() -> tuple[int, int]:
     info = torch.utils.data.get_worker_info()
     return (0, 1) if info is None else (info.id, info.num_workers)

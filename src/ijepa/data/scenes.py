@@ -36,8 +36,9 @@ from typing import Iterator
 
 import numpy as np
 
-from ijepa.data.common import Sample, rng_for
+from ijepa.data.common import Sample
 from ijepa.data.config import ScenesConfig
+from ijepa.seeding import rng_for
 
 __all__ = ["SHAPES", "COLORS", "SceneGeometry", "SceneObject", "SceneLayout", "GEOMETRY",
            "sample_layout", "render", "depth_bin", "scene_labels", "make_scene", "generate",
