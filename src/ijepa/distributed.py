@@ -1,4 +1,4 @@
-"""torch.distributed glue for torchrun (DESIGN.md §7): gloo on CPU, nccl on CUDA.
+"""torch.distributed glue for torchrun: gloo on CPU, nccl on CUDA.
 
 `init_from_env()` reads torchrun's RANK / WORLD_SIZE / LOCAL_RANK; without them (or with
 WORLD_SIZE=1) it returns a single-process `DistInfo` and touches nothing. Only rank 0 logs,

@@ -1,4 +1,4 @@
-"""Per-iteration schedules for I-JEPA pretraining (DESIGN.md §3), as small step objects.
+"""Per-iteration schedules for I-JEPA pretraining (lr, weight decay, EMA momentum), as small step objects.
 
 Each schedule is a pure function of the iteration index ``t`` (``value(t)``) wrapped in an
 object that counts steps (``step()`` returns the value for the current iteration, then
