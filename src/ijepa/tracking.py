@@ -8,6 +8,10 @@
   active run (`MlflowTracker.active()`), or from ``MLFLOW_RUN_ID`` / ``MLFLOW_TRACKING_URI``
   in torchrun child processes (`tracker_from_env(rank)`: rank 0 only, others get a
   NullTracker). `run_env()` gives the variables a parent passes to its children.
+- `create_run` / `end_run`: a run made with `MlflowClient` (optionally the child of a parent
+  run) and terminated with a status, for callers that own runs outside the fluent run stack
+  (the Optuna study: one parent run, one child run per trial). `active_run_id()` and
+  `resolve_tracking_uri()` read the caller's MLflow state without changing it.
 """
 from __future__ import annotations
 
@@ -18,12 +22,15 @@ from pathlib import Path
 from typing import Any, Mapping, Protocol, runtime_checkable
 
 __all__ = ["Tracker", "NullTracker", "RecordingTracker", "MlflowTracker", "tracker_from_env",
-           "flatten_params", "default_tracker"]
+           "flatten_params", "default_tracker",
+           "create_run", "end_run", "active_run_id", "resolve_tracking_uri", "RUN_STATUSES"]
 
 log = logging.getLogger(__name__)
 
 ENV_RUN_ID = "MLFLOW_RUN_ID"
 ENV_URI = "MLFLOW_TRACKING_URI"
+PARENT_TAG = "mlflow.parentRunId"  # how the MLflow UI nests a child run under its parent
+RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 
 
 @runtime_checkable
@@ -172,3 +179,60 @@ def default_tracker() -> Tracker:
     if mlflow.active_run() is None:
         return NullTracker()
     return MlflowTracker.active()
+
+
+def active_run_id() -> str | None:
+    """The id of the caller's active MLflow run (e.g. kedro-mlflow's), None when there is none."""
+    import mlflow
+
+    run = mlflow.active_run()
+    return run.info.run_id if run is not None else None
+
+
+def resolve_tracking_uri(tracking_uri: str | None = None) -> str:
+    """`tracking_uri`, else the one MLflow would use now (MLFLOW_TRACKING_URI, set_tracking_uri, ...)."""
+    import mlflow
+
+    return tracking_uri or mlflow.get_tracking_uri()
+
+
+def create_run(*, tracking_uri: str | None = None, experiment: str | None = None, parent_run_id: str | None = None,
+               run_name: str | None = None, tags: Mapping[str, Any] | None = None,
+               params: Mapping[str, Any] | None = None) -> MlflowTracker:
+    """Create a RUNNING MLflow run and return an `MlflowTracker` on it; end it with `end_run`.
+
+    With `parent_run_id` the run is that run's child (tag ``mlflow.parentRunId``), in the
+    parent's experiment unless `experiment` is given; otherwise it goes to the experiment
+    named `experiment` (created when missing). `params` are logged as by
+    `MlflowTracker.log_params`.
+
+    The run is made with `MlflowClient.create_run` and never activated: `mlflow.start_run`
+    would push it onto the process's fluent run stack, which belongs to the caller (e.g.
+    kedro-mlflow ends "its" active run at the end of the pipeline).
+    """
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    all_tags = {k: str(v) for k, v in (tags or {}).items()}
+    if parent_run_id:
+        all_tags[PARENT_TAG] = parent_run_id
+    if experiment is None:
+        if not parent_run_id:
+            raise ValueError("create_run needs an experiment name or a parent run")
+        experiment_id = client.get_run(parent_run_id).info.experiment_id
+    else:
+        exp = client.get_experiment_by_name(experiment)
+        experiment_id = exp.experiment_id if exp is not None else client.create_experiment(experiment)
+    run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+    tracker = MlflowTracker(run.info.run_id, tracking_uri)
+    if params:
+        tracker.log_params(params)
+    return tracker
+
+
+def end_run(tracker: MlflowTracker, status: str = "FINISHED") -> None:
+    """Terminate the tracker's run with `status` (FINISHED, FAILED or KILLED); meant for runs
+    this process created with `create_run`, not for a caller's active run."""
+    if status not in RUN_STATUSES:
+        raise ValueError(f"status must be one of {RUN_STATUSES}, got {status!r}")
+    tracker.client.set_terminated(tracker.run_id, status)
