@@ -1,6 +1,7 @@
 """Optuna mask-ratio search (ijepa.tune): tiny studies on tiny shards, MLflow parent/child
-runs, pruning/failure, continued studies, two worker processes, the apply-best hand-off,
-and the Pretrainer's on_checkpoint hook it relies on."""
+runs (and ijepa.tracking's create_run / end_run they use), pruning/failure, continued
+studies, two worker processes, the apply-best hand-off, and the Pretrainer's on_checkpoint
+hook it relies on."""
 from __future__ import annotations
 
 import json
@@ -15,6 +16,7 @@ from test_train_fixtures import TINY_MASKS, TINY_MODEL, tiny_config
 optuna = pytest.importorskip("optuna")
 
 from ijepa import tune  # noqa: E402
+from ijepa.tune import storage as tune_storage  # noqa: E402
 from ijepa.config import ConfigError  # noqa: E402
 
 SPACE = {"pred_scale_min": [0.1, 0.25], "pred_scale_span": [0.0, 0.1], "enc_scale_min": [0.75, 1.0],
@@ -53,6 +55,38 @@ def tune_cfg(tmp_path: Path, **over) -> dict:
 @pytest.fixture()
 def mlflow_uri(tmp_path) -> str:
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+# ----------------------------------------------------------------------------- tracking
+
+
+def test_create_run_child_of_parent_ends_with_status_and_never_activates(mlflow_uri):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from ijepa.tracking import MlflowTracker, create_run, end_run
+
+    parent = create_run(tracking_uri=mlflow_uri, experiment="tracking-test", run_name="parent",
+                        tags={"kedro_pipeline": "tune"})
+    child = create_run(tracking_uri=mlflow_uri, parent_run_id=parent.run_id, run_name="trial-0",
+                       tags={"optuna.trial": 0}, params={"trial.npred": 2, "masks": {"npred": 2}})
+    assert isinstance(child, MlflowTracker) and mlflow.active_run() is None
+    child.log_metrics({"val_score": 0.5}, step=2)
+    end_run(child, "KILLED")
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    c, p = client.get_run(child.run_id), client.get_run(parent.run_id)
+    assert c.info.experiment_id == p.info.experiment_id
+    assert client.get_experiment(p.info.experiment_id).name == "tracking-test"
+    assert c.data.tags["mlflow.parentRunId"] == parent.run_id and c.data.tags["optuna.trial"] == "0"
+    assert c.data.tags["mlflow.runName"] == "trial-0" and c.info.status == "KILLED"
+    assert c.data.params == {"trial.npred": "2", "masks.npred": "2"} and c.data.metrics == {"val_score": 0.5}
+    assert p.info.status == "RUNNING" and "mlflow.parentRunId" not in p.data.tags
+    end_run(parent, "FINISHED")
+    assert client.get_run(parent.run_id).info.status == "FINISHED"
+    with pytest.raises(ValueError, match="status"):
+        end_run(parent, "DONE")
+    with pytest.raises(ValueError, match="experiment"):
+        create_run(tracking_uri=mlflow_uri)
 
 
 # ----------------------------------------------------------------------------- config
@@ -140,7 +174,7 @@ def test_tiny_study_failed_and_pruned_trials_mlflow_children_and_continue(tmp_pa
     cfg = tune_cfg(tmp_path, n_trials=4)
     study = tune.open_study(tune.load_tune_config(cfg))
     study.enqueue_trial(BAD_POINT)  # trial 0 fails: the masks cannot be sampled on the 4x4 grid
-    monkeypatch.setattr(tune, "_pruner", lambda c: PruneTrial(2))
+    monkeypatch.setattr(tune_storage, "pruner_for", lambda c: PruneTrial(2))
     summary = tune.run_study(cfg, base_pretrain(), PROBE, shards, tmp_path / "work", tracking_uri=mlflow_uri)
 
     assert summary["n_trials"] == 4 and summary["trials_added"] == 3  # + the one enqueued before
@@ -175,7 +209,7 @@ def test_tiny_study_failed_and_pruned_trials_mlflow_children_and_continue(tmp_pa
     assert [m.step for m in hist] == [2, 4] and "loss" in done.data.metrics
 
     # a second invocation continues the same study (no MLflow this time)
-    monkeypatch.setattr(tune, "_pruner", lambda c: optuna.pruners.NopPruner())
+    monkeypatch.setattr(tune_storage, "pruner_for", lambda c: optuna.pruners.NopPruner())
     again = tune.run_study({**cfg, "n_trials": 1, "mlflow": False}, base_pretrain(), PROBE, shards, tmp_path / "work")
     assert again["n_trials"] == 5 and again["trials_added"] == 1 and again["parent_run_id"] is None
 
@@ -269,10 +303,10 @@ def test_apply_best_writes_atomically_and_pretrain_params_pick_it_up(tmp_path, m
     assert doc["tuned_masks"]["fashion_mnist"] == expect and doc["tuned_masks"]["scenes"] == {"npred": 1}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".parameters_tuned")]
 
-    from ijepa_kedro.params import pretrain_params
+    from ijepa.params import pretrain_mapping
 
     section = {"common": {"masks": {"npred": 3, "min_keep": 10}}, "fashion_mnist": {"model": {"patch_size": 4}}}
-    params = pretrain_params(section, doc["tuned_masks"], "fashion_mnist")
+    params = pretrain_mapping({"pretrain": section, "tuned_masks": doc["tuned_masks"]}, "fashion_mnist")
     assert params["masks"] == {**expect, "min_keep": 10}
     assert from_mapping(PretrainConfig, params, "pretrain").masks.npred == 4
 
