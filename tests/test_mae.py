@@ -1,4 +1,4 @@
-"""MAE baseline (`method: mae`, ijepa.mae) in the shared trainer: masking, loss on masked
+"""MAE baseline (`method: mae`, ijepa.methods.mae) in the shared trainer: masking, loss on masked
 patches only, loss decrease, checkpoint resume, export + probes, config errors (tiny, CPU)."""
 from __future__ import annotations
 
@@ -12,11 +12,13 @@ from timm.layers import PatchEmbed
 
 from ijepa.config import ConfigError
 from ijepa.export import load_encoder
-from ijepa.mae import MaeDecoder, MaePath, MaePretrainer, RandomMaskGenerator, forward_mae, mae_loss, patchify
+from ijepa.methods import get_method
+from ijepa.methods.ijepa import IJepa
+from ijepa.methods.mae import Mae, MaeDecoder, MaeOptions, MaePath, RandomMaskGenerator, forward_mae, mae_loss, patchify
 from ijepa.masks import make_generator
 from ijepa.models import EncoderConfig, ViTEncoder
-from ijepa.train import Pretrainer, load_config, pretrainer_class, run_pretraining
-from ijepa.train_config import MaeSection
+from ijepa.train_config import load_config
+from ijepa.trainer import ResumeMismatchError, run_pretraining
 from test_train_fixtures import make_shards, tiny_config
 
 MAE = {"mask_ratio": 0.75, "decoder_dim": 16, "decoder_depth": 1, "decoder_heads": 2}
@@ -24,7 +26,8 @@ ENC = EncoderConfig(img_size=16, patch_size=4, in_chans=3, embed_dim=32, depth=2
 
 
 def mae_config(**over) -> dict:
-    return tiny_config(**{"method": "mae", **over, "mae": {**MAE, **over.get("mae", {})}})
+    opts = {**MAE, **over.pop("method_options", {})}
+    return tiny_config(**{"method": "mae", **over, "method_options": opts})
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +88,7 @@ def test_loss_counts_only_masked_patches():
 def test_encoder_sees_visible_patches_only_and_decoder_predicts_masked():
     torch.manual_seed(0)
     enc = ViTEncoder(ENC)
-    path = MaePath(enc, MaeDecoder(ENC, MaeSection(**MAE)))
+    path = MaePath(enc, MaeDecoder(ENC, MaeOptions(**MAE)))
     images = torch.rand(2, 3, 16, 16)
     masks = RandomMaskGenerator(0.75, ENC.grid)(2, make_generator(2, 2))
     loss, z = forward_mae(path, images, masks, 4)
@@ -101,12 +104,12 @@ def test_encoder_sees_visible_patches_only_and_decoder_predicts_masked():
 
 
 def test_mae_loss_decreases_and_exports_the_encoder(shards, tmp_path):
-    assert pretrainer_class(load_config(mae_config())) is MaePretrainer
-    assert pretrainer_class(load_config(tiny_config())) is Pretrainer
+    assert get_method(load_config(mae_config()).method) is Mae
+    assert get_method(load_config(tiny_config()).method) is IJepa
     # raw-pixel targets here: on 4x4-pixel patches of smooth blobs the per-patch normalised
     # targets are mostly noise-like, which makes the decrease slow for a test
     cfg = mae_config(optimisation={"total_steps": 40, "warmup_steps": 4, "lr": 2e-3}, log_every=5,
-                     checkpoint_every=20, deterministic=False, mae={"norm_pix_loss": False})
+                     checkpoint_every=20, deterministic=False, method_options={"norm_pix_loss": False})
     summary = run_pretraining(cfg, shards, tmp_path / "run")
     with open(summary["loss_csv"]) as fh:
         losses = [float(r["loss"]) for r in csv.DictReader(fh)]
@@ -118,7 +121,7 @@ def test_mae_loss_decreases_and_exports_the_encoder(shards, tmp_path):
     enc = load_encoder(summary["encoder_dir"])
     assert enc.cfg.embed_dim == 32 and enc.cfg.depth == 2
     info = json.loads((tmp_path / "run" / "encoder" / "encoder.json").read_text())
-    assert info["metadata"]["source"] == "ijepa.mae (encoder)"
+    assert info["metadata"]["source"] == "ijepa.methods.mae (Mae.export_encoder)"
     assert info["metadata"]["config"]["method"] == "mae"
     # the exported weights are the trained encoder's
     torch.testing.assert_close(enc.state_dict()["patch_embed.proj.weight"], state["encoder"]["patch_embed.proj.weight"])
@@ -145,8 +148,6 @@ def test_mae_resume_continues_the_same_run(shards, tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     # an I-JEPA config cannot resume an MAE run folder
-    from ijepa.train import ResumeMismatchError
-
     with pytest.raises(ResumeMismatchError, match=r"method: checkpoint has 'mae', config has 'ijepa'"):
         run_pretraining(tiny_config(optimisation={"total_steps": 16, "warmup_steps": 2}), shards, tmp_path / "cut")
 
@@ -169,20 +170,23 @@ def test_mae_encoder_probes_run_unchanged(tmp_path):
 
 
 @pytest.mark.parametrize("over, needle", [
-    ({"method": "byol"}, r"pretrain\.method: 'byol' is not one of \['ijepa', 'mae'\]"),
-    ({"mae": {"mask_ratio": 1.0}}, r"pretrain\.mae: mask_ratio must be in \(0, 1\)"),
-    ({"mae": {"decoder_dim": 30, "decoder_heads": 4}}, r"pretrain\.mae: decoder_dim 30 is not divisible by decoder_heads 4"),
-    ({"mae": {"decoder_depth": 0}}, r"pretrain\.mae: decoder_depth must be >= 1"),
-    ({"mae": {"ratio": 0.5}}, r"pretrain\.mae: unknown field\(s\) \['ratio'\]"),
-    ({"mae": {"norm_pix_loss": "yes"}}, r"pretrain\.mae\.norm_pix_loss"),
+    ({"method": "byol"}, r"pretrain: method: unknown method 'byol'; choose one of \['ijepa', 'mae'\]"),
+    ({"method_options": {"mask_ratio": 1.0}}, r"pretrain: method_options: mask_ratio must be in \(0, 1\)"),
+    ({"method_options": {"decoder_dim": 30, "decoder_heads": 4}},
+     r"pretrain: method_options: decoder_dim 30 is not divisible by decoder_heads 4"),
+    ({"method_options": {"decoder_depth": 0}}, r"pretrain: method_options: decoder_depth must be >= 1"),
+    ({"method_options": {"ratio": 0.5}}, r"pretrain: method_options: unknown field\(s\) \['ratio'\]"),
+    ({"method_options": {"norm_pix_loss": "yes"}}, r"pretrain: method_options\.norm_pix_loss"),
+    ({"method": "ijepa", "method_options": {"mask_ratio": 0.5}},
+     r"pretrain: method_options: method 'ijepa' takes no options, got \['mask_ratio'\]"),
 ])
 def test_mae_config_errors_name_fields(over, needle):
     with pytest.raises(ConfigError, match=needle):
-        load_config({**mae_config(), **over} if "method" in over else mae_config(**over))
+        load_config({**mae_config(), **over} if "method" in over else mae_config(**dict(over)))
 
 
 def test_mae_mask_ratio_checked_against_the_grid(shards, tmp_path):
     # 16 px / patch 4 = 4x4 grid: ratio 0.95 leaves int(16 * 0.05) = 0 visible patches
-    with pytest.raises(ConfigError, match=r"mae\.mask_ratio: 0\.95 on the 4x4 patch grid leaves 0 of 16"):
-        run_pretraining(mae_config(mae={"mask_ratio": 0.95}), shards, tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"method_options\.mask_ratio: 0\.95 on the 4x4 patch grid leaves 0 of 16"):
+        run_pretraining(mae_config(method_options={"mask_ratio": 0.95}), shards, tmp_path / "run")
     assert not (tmp_path / "run").exists()

@@ -6,7 +6,8 @@ import math
 import pytest
 
 from ijepa.schedules import Cosine, Linear, WarmupCosine
-from ijepa.train import build_schedules, load_config
+from ijepa.train_config import load_config
+from ijepa.trainer.optim import build_schedules
 
 
 def test_warmup_cosine_values():

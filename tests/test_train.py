@@ -10,15 +10,18 @@ import pytest
 import torch
 
 from ijepa import checkpoint as ckpt
-from ijepa import train
+from ijepa.methods import ijepa as ijepa_method
 from ijepa.config import ConfigError
 from ijepa.export import load_encoder
 from ijepa.masks import MaskConfig, MaskGenerator, make_generator
 from ijepa.models import EncoderConfig, Predictor, PredictorConfig, ViTEncoder
 from ijepa.monitor import CSV_COLUMNS, LossHistory, collapse_stats, effective_rank
 from ijepa.tracking import RecordingTracker
-from ijepa.train import (ContextPath, NonFiniteLossError, ResumeMismatchError, ema_update_, load_config,
-                         param_groups, run_pretraining, target_tokens)
+from ijepa.methods.ijepa import ContextPath, ema_update_, target_tokens
+from ijepa.precision import Fp32CoreAttention, adapt_for_precision
+from ijepa.train_config import load_config
+from ijepa.trainer import NonFiniteLossError, ResumeMismatchError, Trainer, prepare, run_pretraining
+from ijepa.trainer.optim import apply_schedules, build_optimizer, param_groups
 from ijepa.train_data import Augmenter, MemoryBatches, StreamBatches, crop_params, read_shard_info, resized_crops
 from test_train_fixtures import make_shards, tiny_config
 
@@ -88,8 +91,8 @@ def test_param_groups_no_decay_on_bias_and_1d():
     assert any(names[id(p)] == "mask_token" for p in decay["params"])  # 3-D, as in the reference
     all_ids = [id(p) for p in decay["params"] + no_decay["params"]]
     assert len(all_ids) == len(set(all_ids)) == len(list(enc.parameters())) + len(list(pred.parameters()))
-    opt = train.build_optimizer(load_config({}), enc, pred)
-    train.apply_schedules(opt, lr=0.5, weight_decay=0.3)
+    opt = build_optimizer(load_config({}), enc, pred)
+    apply_schedules(opt, lr=0.5, weight_decay=0.3)
     assert [(g["lr"], g["weight_decay"]) for g in opt.param_groups] == [(0.5, 0.3), (0.5, 0.0)]
 
 
@@ -107,19 +110,20 @@ def test_ema_update_math():
 
 def test_one_step_target_gets_no_grad_and_moves_by_ema(shards, tmp_path):
     cfg = load_config(tiny_config(optimisation={"total_steps": 1}))
-    tr = train.Pretrainer(cfg, read_shard_info(shards), tmp_path / "run")
+    tr = Trainer(prepare(cfg, shards), tmp_path / "run")
     tr.build()
-    enc0 = {k: v.clone() for k, v in tr.encoder.state_dict().items()}
-    tgt0 = {k: v.clone() for k, v in tr.target_encoder.state_dict().items()}
+    m_ = tr.method
+    enc0 = {k: v.clone() for k, v in m_.encoder.state_dict().items()}
+    tgt0 = {k: v.clone() for k, v in m_.target_encoder.state_dict().items()}
     assert all(torch.equal(enc0[k], tgt0[k]) for k in enc0)  # target starts as a copy
-    assert not any(p.requires_grad for p in tr.target_encoder.parameters())
+    assert not any(p.requires_grad for p in m_.target_encoder.parameters())
     m = tr.schedules.at(0)["momentum"]
     tr.train_step(0)
-    assert all(p.grad is None for p in tr.target_encoder.parameters())
-    assert all(p.grad is not None for p in tr.encoder.parameters())
-    for k, v in tr.target_encoder.state_dict().items():
-        torch.testing.assert_close(v, m * tgt0[k] + (1 - m) * tr.encoder.state_dict()[k], rtol=1e-5, atol=1e-7)
-    assert not torch.equal(tr.encoder.state_dict()["blocks.0.attn.qkv.weight"], enc0["blocks.0.attn.qkv.weight"])
+    assert all(p.grad is None for p in m_.target_encoder.parameters())
+    assert all(p.grad is not None for p in m_.encoder.parameters())
+    for k, v in m_.target_encoder.state_dict().items():
+        torch.testing.assert_close(v, m * tgt0[k] + (1 - m) * m_.encoder.state_dict()[k], rtol=1e-5, atol=1e-7)
+    assert not torch.equal(m_.encoder.state_dict()["blocks.0.attn.qkv.weight"], enc0["blocks.0.attn.qkv.weight"])
 
 
 def test_context_path_with_two_context_blocks_matches_per_block_calls():
@@ -178,7 +182,7 @@ def test_loss_decreases_and_outputs(shards, tmp_path):
 
 
 def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(shards, tmp_path, monkeypatch):
-    real = train.jepa_loss
+    real = ijepa_method.jepa_loss
     calls = {"n": 0}
 
     def nan_at_step_7(pred, target, kind="l2"):
@@ -186,7 +190,7 @@ def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(shards, tmp_path, mo
         loss = real(pred, target, kind)
         return loss * float("nan") if calls["n"] == 7 else loss
 
-    monkeypatch.setattr(train, "jepa_loss", nan_at_step_7)
+    monkeypatch.setattr(ijepa_method, "jepa_loss", nan_at_step_7)
     tracker = RecordingTracker()
     with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 7 of 12.*ckpt-00000004\.pt"):
         run_pretraining(tiny_config(), shards, tmp_path / "run", tracker=tracker)
@@ -212,7 +216,7 @@ def test_resume_with_contradicting_config_is_refused(shards, tmp_path):
 
 def test_collapse_warning_logged_and_tagged(shards, tmp_path, caplog):
     tracker = RecordingTracker()
-    with caplog.at_level(logging.WARNING, logger="ijepa.train"):
+    with caplog.at_level(logging.WARNING, logger="ijepa.trainer"):
         run_pretraining(tiny_config(optimisation={"total_steps": 2}, collapse={"rank_min": 1e6}),
                         shards, tmp_path / "run", tracker=tracker)
     assert "possible representation collapse at step 2" in caplog.text
@@ -247,8 +251,8 @@ def test_fp32_core_attention_matches_timm_attention():
     valid = torch.ones(3, 9, dtype=torch.bool)
     valid[1, 6:] = False
     ref = enc(x, keep=keep, keep_valid=valid)
-    train.adapt_for_precision(enc, "bf16", torch.device("cpu"))
-    assert all(isinstance(b.attn, train.Fp32CoreAttention) for b in enc.blocks)
+    adapt_for_precision(enc, "bf16", torch.device("cpu"))
+    assert all(isinstance(b.attn, Fp32CoreAttention) for b in enc.blocks)
     assert list(enc.state_dict()) == keys
     torch.testing.assert_close(enc(x, keep=keep, keep_valid=valid), ref, rtol=1e-5, atol=1e-6)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ijepa.tracking import MlflowTracker, NullTracker, default_tracker, tracker_from_env
-from ijepa.train import run_pretraining
+from ijepa.trainer import run_pretraining
 from test_train_fixtures import make_shards, tiny_config
 
 mlflow = pytest.importorskip("mlflow")

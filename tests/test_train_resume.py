@@ -25,7 +25,7 @@ CHILD = r"""
 import json, signal, sys
 import torch
 import ijepa.checkpoint
-from ijepa.train import run_pretraining
+from ijepa.trainer import run_pretraining
 cfg, shards, out, marker, kill_at = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
 if kill_at:
     real_save = torch.save

@@ -125,7 +125,7 @@ def test_trial_config_and_masks_from_params():
 
 def test_on_checkpoint_hook_leaves_training_unchanged_and_can_stop_it(tmp_path, shards):
     from ijepa.export import load_encoder
-    from ijepa.train import run_pretraining
+    from ijepa.trainer import run_pretraining
 
     cfg = tiny_config(optimisation={"total_steps": 6}, checkpoint_every=3)
     a = run_pretraining(cfg, shards, tmp_path / "a")

@@ -1,15 +1,15 @@
 from kedro.pipeline import Pipeline, node
 
-from .nodes import mask_preview, pretrain, resolve_config
+from .nodes import mask_preview, plan_pretraining, pretrain
 
 
 def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline([
-        # Validate every parameter (and the masks on this data's patch grid) before any work.
-        node(resolve_config, inputs=["params:pretrain", "params:tuned_masks", "params:dataset"],
-             outputs="pretrain_config", name="resolve_pretrain_config"),
-        node(mask_preview, inputs=["pretrain_config", "shards"], outputs="pretrain_masks_png",
-             name="mask_preview"),
-        node(pretrain, inputs=["pretrain_config", "shards", "model_dir", "reporting_dir"],
+        # Validate every parameter (and the masks on this data's patch grid) before any work;
+        # the shards are verified once, when the catalog loads them for this node.
+        node(plan_pretraining, inputs=["params:pretrain", "params:tuned_masks", "params:dataset", "shards"],
+             outputs="pretrain_plan", name="plan_pretraining"),
+        node(mask_preview, inputs="pretrain_plan", outputs="pretrain_masks_png", name="mask_preview"),
+        node(pretrain, inputs=["pretrain_plan", "model_dir", "reporting_dir"],
              outputs=["pretrain_summary", "encoder"], name="pretrain"),
     ])

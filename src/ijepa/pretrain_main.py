@@ -48,17 +48,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    from ijepa.train import load_config, train_worker
+    from ijepa.trainer import prepare, train_worker
 
     rank = int(os.environ.get("RANK", "0"))
     info = None
     try:
-        cfg = load_config(_read_config(args.config))
-        info = init_from_env(cfg.device)
+        plan = prepare(_read_config(args.config), args.shards, verify=False if args.skip_verify else None)
+        info = init_from_env(plan.cfg.device)
         if info.rank != 0:
             logging.getLogger().setLevel(logging.WARNING)
         tracker = tracker_from_env(info.rank)
-        train_worker(cfg, args.shards, args.out, tracker, args.loss_csv, info, verified=args.skip_verify)
+        train_worker(plan, args.out, tracker, args.loss_csv, info)
     except BaseException as err:
         if not isinstance(err, (KeyboardInterrupt, SystemExit)):
             atomic.write_json(Path(args.out) / f"failure-rank{rank}.json",

@@ -1,23 +1,27 @@
 """Typed pretraining configuration (`PretrainConfig`), checked before any work starts.
 
-Build it with ``from_mapping(PretrainConfig, params)`` (unknown keys, wrong types and bad
-ranges raise ConfigError naming the field). The encoder's `img_size` and `in_chans` are
-not parameters: they come from the shard manifest, and `resolve_model` checks the image
-size against the patch size (and the mask config against the patch grid) before training.
+Build it with ``load_config(params)`` (unknown keys, wrong types and bad ranges raise
+ConfigError naming the field). The encoder's `img_size` and `in_chans` are not parameters:
+they come from the shard manifest, and `check_against_data` checks the image size against
+the patch size and the method's masks against the patch grid before training.
+
+`method` names an entry of `ijepa.methods.METHODS`; `method_options` is that method's own
+section (e.g. MAE's mask ratio and decoder), typed and checked by the method.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import Any, Literal, Mapping
 
-from ijepa.config import ConfigError, as_dict, require
-from ijepa.masks import MaskConfig, MaskGenerator
+from ijepa.config import ConfigError, as_dict, from_mapping, require
+from ijepa.masks import MaskConfig
+from ijepa.methods import METHODS, Masker, get_method
 from ijepa.models import PRESETS, ModelConfig
 
 __all__ = ["EncoderOverrides", "PredictorOverrides", "ModelSection", "OptimConfig", "AugmentConfig",
-           "DataConfig", "CollapseConfig", "MaeSection", "PretrainConfig", "resolve_model", "check_against_data",
-           "RESUME_SAFE_FIELDS"]
+           "DataConfig", "CollapseConfig", "PretrainConfig", "load_config", "resolve_model", "check_against_data",
+           "model_and_masker", "RESUME_SAFE_FIELDS"]
 
 
 @dataclass(frozen=True)
@@ -59,7 +63,7 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with per-iteration schedules (DESIGN.md §3). `batch_size` is GLOBAL (all
+    """AdamW with per-iteration schedules. `batch_size` is GLOBAL (all
     processes together; each of `nproc` processes gets batch_size / nproc)."""
 
     batch_size: int = 64
@@ -143,32 +147,10 @@ class CollapseConfig:
 
 
 @dataclass(frozen=True)
-class MaeSection:
-    """The MAE baseline (``method: mae``, `ijepa.mae`): share of patches masked per image
-    (MAE: 0.75), the light pixel decoder's shape (defaults = the tiny preset's predictor),
-    and per-patch normalised pixel targets (MAE's default)."""
-
-    mask_ratio: float = 0.75
-    decoder_dim: int = 96
-    decoder_depth: int = 4
-    decoder_heads: int = 3
-    decoder_mlp_ratio: float = 4.0
-    norm_pix_loss: bool = True
-
-    def validate(self) -> None:
-        require(0.0 < self.mask_ratio < 1.0, f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
-        for name in ("decoder_dim", "decoder_depth", "decoder_heads"):
-            require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        require(self.decoder_dim % self.decoder_heads == 0,
-                f"decoder_dim {self.decoder_dim} is not divisible by decoder_heads {self.decoder_heads}")
-        require(self.decoder_dim % 4 == 0, f"decoder_dim {self.decoder_dim} must be divisible by 4 (2-D sin-cos)")
-        require(self.decoder_mlp_ratio > 0, f"decoder_mlp_ratio must be positive, got {self.decoder_mlp_ratio}")
-
-
-@dataclass(frozen=True)
 class PretrainConfig:
-    # "ijepa" (default) or "mae" (the MAE baseline, ijepa.mae: same encoder, same trainer)
-    method: Literal["ijepa", "mae"] = "ijepa"
+    # a name in ijepa.methods.METHODS: "ijepa" (default) or "mae" (the MAE baseline)
+    method: str = "ijepa"
+    method_options: dict[str, Any] = field(default_factory=dict)  # the method's own section
     model: ModelSection = field(default_factory=ModelSection)
     masks: MaskConfig = field(default_factory=MaskConfig)
     optimisation: OptimConfig = field(default_factory=OptimConfig)
@@ -176,7 +158,6 @@ class PretrainConfig:
     augmentation: AugmentConfig = field(default_factory=AugmentConfig)
     data: DataConfig = field(default_factory=DataConfig)
     collapse: CollapseConfig = field(default_factory=CollapseConfig)
-    mae: MaeSection = field(default_factory=MaeSection)  # used by method "mae" only
     # "auto": bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32
     # (ijepa.precision); "bf16" / "fp32" force one
     precision: Literal["auto", "bf16", "fp32"] = "auto"
@@ -193,6 +174,8 @@ class PretrainConfig:
     progress: bool = True
 
     def validate(self) -> None:
+        require(self.method in METHODS, f"method: unknown method {self.method!r}; choose one of {sorted(METHODS)}")
+        get_method(self.method).options(self.method_options)
         require(self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
         require(self.keep_last >= 1, f"keep_last must be >= 1, got {self.keep_last}")
         require(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
@@ -206,6 +189,15 @@ class PretrainConfig:
 
     def to_dict(self) -> dict:
         return as_dict(self)
+
+    @property
+    def options(self) -> Any:
+        """The typed `method_options` of `method` (None when it takes none)."""
+        return get_method(self.method).options(self.method_options)
+
+
+def load_config(cfg: "PretrainConfig | Mapping[str, Any] | None") -> PretrainConfig:
+    return from_mapping(PretrainConfig, cfg, "pretrain")
 
 
 # Fields that may change between a checkpoint and its resume without making it wrong.
@@ -240,23 +232,20 @@ def resolve_model(cfg: PretrainConfig, image_size: int, in_chans: int, source: s
     return ModelConfig(enc, pred)
 
 
-def check_against_data(cfg: PretrainConfig, image_size: int, in_chans: int, train_samples: int,
-                       source: str = "the shard manifest") -> ModelConfig:
-    """Every check that needs the data: patch size, model shape, masks on the grid, batch."""
+def model_and_masker(cfg: PretrainConfig, image_size: int, in_chans: int, train_samples: int,
+                     source: str = "the shard manifest") -> tuple[ModelConfig, Masker]:
+    """Every check that needs the data (patch size, model shape, the method's masks on the
+    patch grid, batch against split size); returns the model config and the batch masker,
+    so that the masker is built once."""
     model = resolve_model(cfg, image_size, in_chans, source)
-    if cfg.method == "mae":
-        n = model.encoder.num_patches
-        keep = int(n * (1.0 - cfg.mae.mask_ratio))
-        require(1 <= keep < n, f"mae.mask_ratio: {cfg.mae.mask_ratio} on the {model.encoder.grid[0]}x"
-                               f"{model.encoder.grid[1]} patch grid leaves {keep} of {n} patches visible; "
-                               f"at least 1 must be visible and 1 masked")
-    else:
-        try:
-            MaskGenerator(cfg.masks, model.encoder.grid)
-        except ConfigError as err:
-            raise ConfigError(f"masks: {err}") from None
+    masker = get_method(cfg.method).make_masker(cfg, model)
     require(train_samples >= cfg.optimisation.batch_size,
             f"optimisation.batch_size: {cfg.optimisation.batch_size} is larger than the train split "
             f"({train_samples} images in {source})")
-    return model
+    return model, masker
 
+
+def check_against_data(cfg: PretrainConfig, image_size: int, in_chans: int, train_samples: int,
+                       source: str = "the shard manifest") -> ModelConfig:
+    """`model_and_masker` for callers that need only the check and the model config."""
+    return model_and_masker(cfg, image_size, in_chans, train_samples, source)[0]

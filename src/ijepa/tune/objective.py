@@ -19,7 +19,8 @@ from typing import Any, Mapping
 from ijepa.config import deep_merge
 from ijepa.tracking import MlflowTracker, NullTracker, Tracker, create_run, end_run
 # The one place in the package that names the training module (run_study uses load_config from here).
-from ijepa.train import load_config, run_pretraining
+from ijepa.train_config import load_config
+from ijepa.trainer import run_pretraining
 
 from .config import TuneConfig
 from .space import masks_from_params, suggest, trial_pretrain_params

@@ -1,34 +1,27 @@
-"""MAE baseline (He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022)
-as a first-class pretraining method: ``method: mae`` in `PretrainConfig`.
+"""MAE baseline (He et al., "Masked Autoencoders Are Scalable Vision Learners", CVPR 2022):
+``method: mae``, in the same trainer as I-JEPA (data, augmentation, schedules, AdamW,
+checkpoints, resume, DDP, tracking, export).
 
-It runs inside the same trainer as I-JEPA (`ijepa.train.Pretrainer`: data, augmentation,
-schedules, AdamW, checkpoints, resume, DDP, tracking, export); `MaePretrainer` only replaces
-the method-specific hooks:
+  trained        the SAME `ViTEncoder` as I-JEPA's context encoder + `MaeDecoder` (a light
+                 transformer of timm Blocks), as one module
+  masks          per-image uniform random masking (`RandomMaskGenerator`) instead of
+                 multi-block: one "context" list (the visible patches, [1, B, K]) and one
+                 "target" list (the masked patches, [1, B, N - K]); K = int(N * (1 - mask_ratio))
+                 as in the MAE code
+  loss           encoder on the visible patches only, decoder: visible tokens + a mask token
+                 at every masked position (both with sin-cos positions) -> pixels of each
+                 masked patch; MSE on the MASKED patches only, targets per-patch normalised
+                 when ``norm_pix_loss`` (MAE's default)
+  after_step     nothing: MAE has no target network (the momentum schedule is unused)
+  export         the trained encoder itself, in the same format as I-JEPA's target encoder
 
-  build_modules       the SAME `ViTEncoder` (context encoder of I-JEPA) + `MaeDecoder`
-                      (light transformer of timm Blocks) wrapped as one trained module;
-                      random patch masks (`RandomMaskGenerator`) instead of multi-block ones
-  forward_loss        encoder on the visible patches only (the encoder's `keep` index path),
-                      decoder: visible tokens + a mask token at every masked position (both
-                      with sin-cos positions) -> pixels of each masked patch; loss = MSE on
-                      the MASKED patches only, targets per-patch normalised when
-                      ``mae.norm_pix_loss`` (MAE's default)
-  ema_update          none (MAE has no target network; the momentum schedule is unused)
-  export              the trained encoder itself, with `ijepa.export.save_encoder`, so
-                      `ijepa.probes.run_probes` evaluates it unchanged
-
-Masks are `ijepa.masks.Masks` with one "context" list (the visible patches, [1, B, K]) and
-one "target" list (the masked patches, [1, B, N - K]), drawn per image from
-``make_generator(seed, step)`` over the global batch (so resume and DDP behave as for I-JEPA):
-K = int(N * (1 - mask_ratio)) as in the MAE code. Augmentation is the trainer's
-RandomResizedCrop, i.e. nothing beyond what I-JEPA uses. Config: ``mae:`` {mask_ratio 0.75,
-decoder_dim, decoder_depth, decoder_heads, decoder_mlp_ratio, norm_pix_loss}; the I-JEPA
-fields (masks, predictor, loss, EMA momentum) are ignored by this method.
+Options (``method_options``): mask_ratio 0.75, decoder_dim, decoder_depth, decoder_heads,
+decoder_mlp_ratio, norm_pix_loss. The I-JEPA fields (masks, predictor, loss) are ignored.
 """
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,13 +29,36 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
+from ijepa.config import require
 from ijepa.masks import Masks
-from ijepa.models import EncoderConfig, ViTEncoder, _blocks, _init_weights, _sincos, gather_tokens
-from ijepa.train import ENCODER_SUBDIR, Pretrainer, adapt_for_precision
-from ijepa.train_config import MaeSection
+from ijepa.methods.base import Masker, Method
+from ijepa.models import EncoderConfig, ModelConfig, ViTEncoder, _blocks, _init_weights, _sincos, count_params, gather_tokens
+from ijepa.precision import adapt_for_precision
 
-__all__ = ["MaeSection", "RandomMaskGenerator", "MaeDecoder", "MaePath", "patchify", "mae_loss", "forward_mae",
-           "MaePretrainer", "visible_count"]
+__all__ = ["Mae", "MaeOptions", "RandomMaskGenerator", "MaeDecoder", "MaePath", "patchify", "mae_loss",
+           "forward_mae", "visible_count"]
+
+
+@dataclass(frozen=True)
+class MaeOptions:
+    """Share of patches masked per image (MAE: 0.75), the light pixel decoder's shape
+    (defaults = the tiny preset's predictor), per-patch normalised pixel targets."""
+
+    mask_ratio: float = 0.75
+    decoder_dim: int = 96
+    decoder_depth: int = 4
+    decoder_heads: int = 3
+    decoder_mlp_ratio: float = 4.0
+    norm_pix_loss: bool = True
+
+    def validate(self) -> None:
+        require(0.0 < self.mask_ratio < 1.0, f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        for name in ("decoder_dim", "decoder_depth", "decoder_heads"):
+            require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        require(self.decoder_dim % self.decoder_heads == 0,
+                f"decoder_dim {self.decoder_dim} is not divisible by decoder_heads {self.decoder_heads}")
+        require(self.decoder_dim % 4 == 0, f"decoder_dim {self.decoder_dim} must be divisible by 4 (2-D sin-cos)")
+        require(self.decoder_mlp_ratio > 0, f"decoder_mlp_ratio must be positive, got {self.decoder_mlp_ratio}")
 
 
 def visible_count(num_patches: int, mask_ratio: float) -> int:
@@ -81,7 +97,7 @@ class MaeDecoder(nn.Module):
     """Light transformer decoder: Linear(D -> d), visible tokens + mask tokens at the masked
     positions (sin-cos positions), timm Blocks, LayerNorm, Linear(d -> p*p*C) per masked patch."""
 
-    def __init__(self, enc: EncoderConfig, cfg: MaeSection):
+    def __init__(self, enc: EncoderConfig, cfg: MaeOptions):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
@@ -143,44 +159,42 @@ def forward_mae(path: nn.Module, images: torch.Tensor, masks: Masks, patch: int,
     return mae_loss(pred, images, masked, patch, norm_pix), z
 
 
-class MaePretrainer(Pretrainer):
-    """`Pretrainer` with the MAE hooks (module docstring); everything else is shared."""
+class Mae(Method):
+    """Encoder + pixel decoder trained; the encoder itself exported."""
 
-    method_title = "MAE"
+    name = "mae"
+    title = "MAE"
+    Options = MaeOptions
 
-    def build_modules(self) -> None:
-        enc = self.model_cfg.encoder
-        self.encoder = ViTEncoder(enc).to(self.device)
-        self.decoder = MaeDecoder(enc, self.cfg.mae).to(self.device)
+    @classmethod
+    def make_masker(cls, cfg: Any, model: ModelConfig) -> Masker:
+        opts = cls.options(cfg.method_options)
+        n, grid = model.encoder.num_patches, model.encoder.grid
+        keep = visible_count(n, opts.mask_ratio)
+        require(1 <= keep < n, f"method_options.mask_ratio: {opts.mask_ratio} on the {grid[0]}x{grid[1]} patch "
+                               f"grid leaves {keep} of {n} patches visible; at least 1 must be visible and 1 masked")
+        return RandomMaskGenerator(opts.mask_ratio, grid)
+
+    def __init__(self, cfg: Any, model: ModelConfig, masker: Masker, device: torch.device):
+        super().__init__(cfg, model, masker, device)
+        self.opts: MaeOptions = self.options(cfg.method_options)
+        enc = model.encoder
+        self.encoder = ViTEncoder(enc).to(device)
+        self.decoder = MaeDecoder(enc, self.opts).to(device)
         for module in (self.encoder, self.decoder):
-            adapt_for_precision(module, self.cfg.precision, self.device)
-        self.context_path = MaePath(self.encoder, self.decoder)
-        self.mask_gen = RandomMaskGenerator(self.cfg.mae.mask_ratio, enc.grid)
+            adapt_for_precision(module, cfg.precision, device)
+        self.trained = MaePath(self.encoder, self.decoder)
+
+    def loss(self, module: nn.Module, images: torch.Tensor, masks: Masks,
+             autocast: contextlib.AbstractContextManager) -> tuple[torch.Tensor, torch.Tensor]:
+        return forward_mae(module, images, masks, self.model.encoder.patch_size, self.opts.norm_pix_loss, autocast)
 
     def checkpoint_modules(self) -> dict[str, nn.Module]:
         return {"encoder": self.encoder, "decoder": self.decoder}
 
-    def eval_encoder(self) -> ViTEncoder:
+    def export_encoder(self) -> ViTEncoder:
         return self.encoder
 
-    def forward_loss(self, images: torch.Tensor, masks: Masks) -> tuple[torch.Tensor, torch.Tensor]:
-        return forward_mae(self.train_module, images, masks, self.model_cfg.encoder.patch_size,
-                           self.cfg.mae.norm_pix_loss, self.autocast)
-
-    def ema_update(self, momentum: float) -> None:
-        """No target network in MAE."""
-
-    def export(self) -> Path:
-        """The trained encoder (rank 0), in the same format as I-JEPA's target encoder."""
-        from ijepa.export import save_encoder
-
-        meta = {"dataset": self.shards.dataset, "manifest_sha256": self.shards.manifest_sha256,
-                "shard_dir": str(self.shards.root), "step": self.step, "total_steps": self.total_steps,
-                "epochs": self.step / self.steps_per_epoch, "final_loss": self.final_loss(),
-                "config": self.cfg.to_dict(), "derived": self.derived(), "source": "ijepa.mae (encoder)"}
-        return save_encoder(self.eval_encoder(), self.out_dir / ENCODER_SUBDIR, metadata=meta)
-
     def derived(self) -> dict[str, Any]:
-        out = super().derived()
-        out["visible_patches"] = self.mask_gen.keep
-        return out
+        return {"encoder_params": count_params(self.encoder), "decoder_params": count_params(self.decoder),
+                "visible_patches": visible_count(self.model.encoder.num_patches, self.opts.mask_ratio)}
