@@ -34,10 +34,11 @@ from ijepa import checkpoint as ckpt
 from ijepa.config import ConfigError
 from ijepa.distributed import DistInfo, all_reduce_mean, barrier, pick_device, wrap_ddp
 from ijepa.masks import Masks, derive_seed, make_generator
-from ijepa.monitor import LossHistory, collapse_stats
+from ijepa.monitor import collapse_stats
 from ijepa.precision import autocast_for, resolve_precision
 from ijepa.tracking import NullTracker, Tracker
 from ijepa.train_data import Augmenter, MemoryBatches, StreamBatches, load_train_images
+from ijepa.trainer.logbook import Logbook
 from ijepa.trainer.optim import apply_schedules, build_optimizer, build_schedules, grad_norm
 from ijepa.trainer.plan import TrainPlan
 from ijepa.trainer.process import seed_everything
@@ -77,13 +78,12 @@ class Trainer:
         self.ckpt_dir = self.out_dir / ckpt.CHECKPOINT_SUBDIR
         self.device = self.dist.device
         self.step = 0  # completed iterations
-        self.history = LossHistory()
+        self.logbook = Logbook(self.tracker, self.loss_csv, self.cfg.collapse, self.dist.is_main)
+        self.history = self.logbook.history
         self.resumed_from: int | None = None
         self.last_checkpoint: Path | None = None
         self.saved_step: int | None = None
-        self.collapse_warnings = 0
         self.batches_seen = 0
-        self._window = {"loss_sum": 0.0, "count": 0}
         self._data_iter = None
         self._data_epoch: int | None = None
 
@@ -166,8 +166,7 @@ class Trainer:
             "data": {"mode": self.data_mode, "epoch": epoch, "batch": batch, "steps_per_epoch": self.steps_per_epoch,
                      "global_batch": self.global_batch, "world_size": self.dist.world_size, "seed": self.cfg.seed},
             "config": self.cfg.to_dict(), "dataset": self.shards.dataset,
-            "manifest_sha256": self.shards.manifest_sha256, "history": self.history.state_dict(),
-            "log_window": dict(self._window),
+            "manifest_sha256": self.shards.manifest_sha256, **self.logbook.state_dict(),
         }
 
     def save_checkpoint(self) -> Path | None:
@@ -201,11 +200,8 @@ class Trainer:
             module.load_state_dict(state[key])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedules.load_state_dict(state["schedules"])
-        self.history.load_state_dict(state["history"])
-        self._window = {"loss_sum": float(state["log_window"]["loss_sum"]),
-                        "count": int(state["log_window"]["count"])}
         self.step = int(state["step"])
-        self.history.truncate(self.step)
+        self.logbook.load_state_dict(state, self.step)
         per_rank = state.get("rng_per_rank") or [state["rng"]]
         ckpt.set_rng_state(per_rank[self.dist.rank] if self.dist.rank < len(per_rank) else state["rng"])
         self.resumed_from = self.step
@@ -261,9 +257,11 @@ class Trainer:
         self.optimizer.step()
         return norm
 
-    def train_step(self, step: int) -> dict[str, Any]:
+    def train_step(self, step: int, images: torch.Tensor | None = None) -> dict[str, Any]:
+        """One iteration; `images` (float [0, 1], this rank's batch, on the device) replaces
+        the data step, e.g. to time the step alone."""
         want_log = self._is_log_step(step + 1)
-        images = self.next_images(step)
+        images = self.next_images(step) if images is None else images
         masks = self.masks_for(step)
         values = self.schedules.step()
         loss, h = self.method.loss(self.train_module, images, masks, self.autocast)
@@ -280,41 +278,9 @@ class Trainer:
         return done % self.cfg.log_every == 0 or done == self.total_steps
 
     def log(self, stats: dict[str, Any], elapsed: float, steps_in_window: int, bar) -> None:
-        """log: window-mean loss and the rest at log steps (rank 0 writes CSV / tracker)."""
-        self._window["loss_sum"] += stats["loss"]
-        self._window["count"] += 1
-        if not self._is_log_step(self.step):
-            return
-        loss = self._window["loss_sum"] / max(1, self._window["count"])
-        self._window = {"loss_sum": 0.0, "count": 0}
         ips = self.global_batch * steps_in_window / elapsed if elapsed > 0 else float("nan")
-        row = {"step": self.step, "epoch": (self.step - 1) // self.steps_per_epoch, "loss": loss,
-               "lr": stats["lr"], "weight_decay": stats["weight_decay"], "ema_momentum": stats["momentum"],
-               "grad_norm": stats["grad_norm"], "target_std": stats.get("target_std"),
-               "effective_rank": stats.get("effective_rank"), "context_tokens": stats["context_tokens"],
-               "img_per_s": ips}
-        self.history.append(row)
-        if not self.dist.is_main:
-            return
-        self.history.write_csv(self.loss_csv)
-        self.tracker.log_metrics({k: v for k, v in row.items() if k != "step" and v is not None}, self.step)
-        self._check_collapse(row)
-        if bar is not None:
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{stats['lr']:.2e}", img_s=f"{ips:.0f}", refresh=False)
-
-    def _check_collapse(self, row: dict[str, Any]) -> None:
-        c = self.cfg.collapse
-        std, rank = row.get("target_std"), row.get("effective_rank")
-        bad = []
-        if std is not None and math.isfinite(std) and std < c.std_min:
-            bad.append(f"target_std={std:.3g} < {c.std_min}")
-        if rank is not None and math.isfinite(rank) and rank < c.rank_min:
-            bad.append(f"effective_rank={rank:.3g} < {c.rank_min}")
-        if bad:
-            self.collapse_warnings += 1
-            msg = f"possible representation collapse at step {row['step']}: " + ", ".join(bad)
-            log.warning(msg)
-            self.tracker.set_tag("collapse_warning", msg)
+        self.logbook.add(stats, self.step, self._is_log_step(self.step), (self.step - 1) // self.steps_per_epoch,
+                         ips, bar)
 
     # -- run -----------------------------------------------------------------------------
     def train_loop(self) -> None:
@@ -357,7 +323,7 @@ class Trainer:
         return save_encoder(self.method.export_encoder(), self.out_dir / ENCODER_SUBDIR, metadata=meta)
 
     def final_loss(self) -> float | None:
-        return float(self.history.rows[-1]["loss"]) if self.history.rows else None
+        return self.logbook.final_loss()
 
     def finish(self) -> dict[str, Any]:
         summary: dict[str, Any] = {}
@@ -376,7 +342,7 @@ class Trainer:
                 "epochs": self.step / self.steps_per_epoch, "final_loss": self.final_loss(),
                 "resumed_from_step": self.resumed_from, "encoder_dir": str(enc_path.parent),
                 "checkpoint": str(self.last_checkpoint), "loss_csv": str(self.loss_csv), "loss_png": str(png),
-                "collapse_warnings": self.collapse_warnings, "batches_per_rank": counts,
+                "collapse_warnings": self.logbook.collapse_warnings, "batches_per_rank": counts,
                 "out_dir": str(self.out_dir), **self.derived(),
             }
             ips = [r["img_per_s"] for r in self.history.rows if r.get("img_per_s") is not None
