@@ -40,7 +40,7 @@ from ijepa.linear import LinearProbe, confusion_matrix, fit_linear_probe
 from ijepa.models import EncoderConfig, ViTEncoder
 
 __all__ = ["ProbeConfig", "ProbeError", "run_probes", "lowshot_indices", "lowshot_counts",
-           "check_encoder_matches_shards", "PROBES", "BASELINES", "ValProbe", "val_score"]
+           "check_encoder_matches_shards", "PROBES", "BASELINES", "fit_head", "num_classes_of"]
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ def _load_shards(shard_dir: Path, cfg: ProbeConfig) -> dict[str, _Split]:
     return splits
 
 
-def _num_classes(manifest: Mapping[str, Any], label: str, values: list[torch.Tensor]) -> int:
+def num_classes_of(manifest: Mapping[str, Any], label: str, values: list[torch.Tensor]) -> int:
     """The label schema's num_classes, or more if a value exceeds it."""
     seen = max(int(v.max()) for v in values) + 1
     entry = (manifest.get("labels") or {}).get(label) if isinstance(manifest.get("labels"), Mapping) else None
@@ -227,7 +227,7 @@ def _class_names(manifest: Mapping[str, Any], label: str, n_classes: int) -> lis
 # ----------------------------------------------------------------------------- run
 
 
-def _fit(cfg: ProbeConfig, tx: torch.Tensor, ty: torch.Tensor, vx: torch.Tensor, vy: torch.Tensor,
+def fit_head(cfg: ProbeConfig, tx: torch.Tensor, ty: torch.Tensor, vx: torch.Tensor, vy: torch.Tensor,
          n_classes: int) -> LinearProbe:
     return fit_linear_probe(tx, ty, vx, vy, n_classes, cfg.weight_decays, batchnorm=cfg.batchnorm,
                             solver=cfg.solver, max_iter=cfg.max_iter, epochs=cfg.epochs, lr=cfg.lr,
@@ -315,7 +315,7 @@ def run_probes(cfg: ProbeConfig | Mapping[str, Any] | None, encoder_path: str | 
                                  f"for {splits[s].images.shape[0]} images")
             if int(ys[s].min()) < 0:
                 raise ProbeError(f"split {s!r} of {shard_dir}: negative {label} label {int(ys[s].min())}")
-        plans[probe] = (ys, _num_classes(manifest, label, [ys[s] for s in order]))
+        plans[probe] = (ys, num_classes_of(manifest, label, [ys[s] for s in order]))
     seeds = [cfg.seed + i for i in range(cfg.lowshot_seeds)]
     subsets = ([lowshot_indices(plans["lowshot"][0][tr], s, cfg.lowshot_fraction, cfg.lowshot_per_class)
                 for s in seeds] if "lowshot" in plans else [])
@@ -355,7 +355,7 @@ def run_probes(cfg: ProbeConfig | Mapping[str, Any] | None, encoder_path: str | 
             if probe == "lowshot":
                 accs, det = [], []
                 for s, idx in zip(seeds, subsets):
-                    head = _fit(cfg, f[tr][idx], ys[tr][idx], f[va], ys[va], n_classes)
+                    head = fit_head(cfg, f[tr][idx], ys[tr][idx], f[va], ys[va], n_classes)
                     accs.append(head.top1(f[te], ys[te]))
                     det.append({"seed": s, "weight_decay": head.weight_decay, "test_top1": accs[-1],
                                 "val_top1": {str(k): v for k, v in head.val_top1.items()}})
@@ -363,7 +363,7 @@ def run_probes(cfg: ProbeConfig | Mapping[str, Any] | None, encoder_path: str | 
                 row[f"{model_name}_std"] = _sample_std(accs)
                 details[probe][model_name] = {"seeds": det, "seconds": round(time.perf_counter() - t1, 3)}
             else:
-                head = _fit(cfg, f[tr], ys[tr], f[va], ys[va], n_classes)
+                head = fit_head(cfg, f[tr], ys[tr], f[va], ys[va], n_classes)
                 pred = head.predict(f[te])
                 row[model_name] = float((pred == ys[te]).float().mean())
                 details[probe][model_name] = {"weight_decay": head.weight_decay,
@@ -387,76 +387,3 @@ def run_probes(cfg: ProbeConfig | Mapping[str, Any] | None, encoder_path: str | 
               "feature_dims": {m: int(f[tr].shape[1]) for m, f in features.items()},
               "config": as_dict(cfg), "seconds": {k: round(v, 3) for k, v in seconds.items()}}
     return metrics, extras
-
-
-# ----------------------------------------------------------------------------- val score (tuning)
-
-
-class ValProbe:
-    """Val-split score of an encoder, for hyper-parameter search; the test split is never read.
-
-    The train and val splits are loaded once (optionally a fixed random subset of each:
-    `max_train` / `max_val`, drawn with `cfg.seed`), so the score can be taken at every
-    checkpoint of a run. `score(encoder)`: features of the encoder (not cached: it changes),
-    then a head per weight decay of `cfg.weight_decays` fitted on train ("linear") or on the
-    low-shot subsets of train ("lowshot", mean over `cfg.lowshot_seeds`), and the best val
-    top-1 over the decays — the same head selection as `run_probes`, reported on val.
-    """
-
-    def __init__(self, cfg: ProbeConfig | Mapping[str, Any] | None, shard_dir: str | Path,
-                 probe: Literal["linear", "lowshot"] = "linear", max_train: int | None = None,
-                 max_val: int | None = None):
-        self.cfg = from_mapping(ProbeConfig, cfg, "probe")
-        if probe not in ("linear", "lowshot"):
-            raise ConfigError(f"probe: the val score supports 'linear' or 'lowshot', got {probe!r}")
-        self.probe = probe
-        self.shard_dir = Path(shard_dir)
-        from ijepa.data.reader import load_manifest, load_split
-
-        manifest = load_manifest(self.shard_dir)
-        splits = manifest.get("splits") or {}
-        data: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for name, cap in ((self.cfg.train_split, max_train), (self.cfg.val_split, max_val)):
-            if name not in splits:
-                raise ProbeError(f"split {name!r} not found in {self.shard_dir / 'manifest.json'} (has {sorted(splits)})")
-            images, labels = load_split(self.shard_dir, name, labels=True)
-            if "cls" not in labels:
-                raise ProbeError(f"{self.shard_dir}: split {name!r} has no cls labels; the val score needs them")
-            if images.shape[0] == 0:
-                raise ProbeError(f"split {name!r} of {self.shard_dir} is empty")
-            if cap is not None and images.shape[0] > cap:
-                keep = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(self.cfg.seed))[:cap]
-                keep = torch.sort(keep).values
-                images, labels = images[keep], {k: v[keep] for k, v in labels.items()}
-            data[name] = (images, labels["cls"].long())
-        self.train_images, self.train_y = data[self.cfg.train_split]
-        self.val_images, self.val_y = data[self.cfg.val_split]
-        self.n_classes = _num_classes(manifest, "cls", [self.train_y, self.val_y])
-        self.subsets = ([lowshot_indices(self.train_y, self.cfg.seed + i, self.cfg.lowshot_fraction,
-                                         self.cfg.lowshot_per_class) for i in range(self.cfg.lowshot_seeds)]
-                        if probe == "lowshot" else [])
-
-    def score(self, encoder: torch.nn.Module, device: str | torch.device = "cpu") -> float:
-        """Val top-1 (fraction) of the best head; leaves the encoder's train/eval mode as it was."""
-        was_training = encoder.training
-        try:
-            kw = dict(n_last=self.cfg.n_last, batch_size=self.cfg.feature_batch_size, device=device, progress=False,
-                      precision=self.cfg.precision)
-            tx = feats_mod.extract_features(encoder, self.train_images, desc="val-score train", **kw)
-            vx = feats_mod.extract_features(encoder, self.val_images, desc="val-score val", **kw)
-        finally:
-            encoder.train(was_training)
-        if not (torch.isfinite(tx).all() and torch.isfinite(vx).all()):
-            raise ProbeError("the encoder's features are not finite")
-        if self.probe == "linear":
-            head = _fit(self.cfg, tx, self.train_y, vx, self.val_y, self.n_classes)
-            return float(max(head.val_top1.values()))
-        accs = [max(_fit(self.cfg, tx[idx], self.train_y[idx], vx, self.val_y, self.n_classes).val_top1.values())
-                for idx in self.subsets]
-        return float(sum(accs) / len(accs))
-
-
-def val_score(encoder: torch.nn.Module, shard_dir: str | Path, cfg: ProbeConfig | Mapping[str, Any] | None = None,
-              probe: Literal["linear", "lowshot"] = "linear", **kwargs: Any) -> float:
-    """One-off `ValProbe(cfg, shard_dir, probe, **kwargs).score(encoder)`."""
-    return ValProbe(cfg, shard_dir, probe, **kwargs).score(encoder)

@@ -10,7 +10,7 @@ scale lower bound, number of target blocks, target aspect range, optionally lr) 
 the dataset's pretraining parameters, then the library's `run_pretraining` (its own loop,
 nothing copied) with `total_steps` / `eval_every` of `TrialSettings`. At every
 checkpoint (every `eval_every` steps and at the end) the `on_checkpoint` hook scores the
-TARGET encoder with `ijepa.probes.ValProbe` (linear or low-shot head, val top-1; the test
+TARGET encoder with `ijepa.val_probe.ValProbe` (linear or low-shot head, val top-1; the test
 split is never read), reports it to the trial and lets the pruner (median, Hyperband or
 none) stop the run. The objective is the score at the last step.
 

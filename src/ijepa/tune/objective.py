@@ -67,7 +67,7 @@ class Objective:
 
     def val_probe(self):
         if self._val is None:
-            from ijepa.probes import ValProbe
+            from ijepa.val_probe import ValProbe
 
             self._val = ValProbe(self.probe_params, self.shard_dir, self.cfg.objective,
                                  self.cfg.max_train, self.cfg.max_val)
