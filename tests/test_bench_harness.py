@@ -5,11 +5,10 @@ from __future__ import annotations
 import importlib
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+from conftest import BENCHMARKS as BENCH
 
 
 @pytest.fixture(scope="module")

@@ -9,9 +9,10 @@ import torch
 from ijepa import atomic, load_encoder
 from ijepa.config import ConfigError, as_dict, deep_merge, from_mapping, require
 from ijepa.export import EncoderFileError, save_encoder
+from conftest import tiny_encoder_config
 from ijepa.models import EncoderConfig, Predictor, PredictorConfig, ViTEncoder, preset
 
-TINY = EncoderConfig(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2)
+TINY = tiny_encoder_config()
 TINY_PRED = PredictorConfig(embed_dim=16, depth=1, num_heads=2)
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import load_benchmark
 from ijepa.config import ConfigError, from_mapping
 from ijepa.masks import (BlockMasks, MaskConfig, MaskGenerator, Masks, MaskSamplingError, derive_seed,
                          make_generator)
@@ -249,13 +250,7 @@ def test_viz_draws_grey_and_rgb(tmp_path, c, dtype):
 
 
 def test_benchmark_runs_small():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_masks.py"
-    spec = importlib.util.spec_from_file_location("bench_masks", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("bench_masks")
     res = mod.run(batch_size=8, grid=(8, 8), repeats=2)
     assert {"ours_img_s", "loop_img_s", "ratio"} <= set(res) and res["ours_img_s"] > 0
 

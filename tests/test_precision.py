@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import tiny_encoder_config
 from ijepa import features as feats_mod
 from ijepa import precision
-from ijepa.models import EncoderConfig, ViTEncoder
+from ijepa.models import ViTEncoder
 
 
 @pytest.fixture
@@ -45,7 +46,7 @@ def test_cpu_capability_probe_returns_a_bool():
 
 def test_bf16_features_close_to_fp32_and_cached_apart(tmp_path):
     torch.manual_seed(0)
-    enc = ViTEncoder(EncoderConfig(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2))
+    enc = ViTEncoder(tiny_encoder_config())
     images = torch.randint(0, 256, (24, 1, 16, 16), dtype=torch.uint8)
     full = feats_mod.extract_features(enc, images, n_last=1, batch_size=8, progress=False, precision="fp32")
     low = feats_mod.extract_features(enc, images, n_last=1, batch_size=8, progress=False, precision="bf16")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_encoder_config
 from ijepa import features as feats_mod
 from ijepa.config import ConfigError, from_mapping
 from ijepa.export import EncoderFileError, file_sha256, save_encoder
@@ -16,7 +17,7 @@ from ijepa.linear import fit_linear_probe
 from ijepa.models import EncoderConfig, ViTEncoder
 from ijepa.probes import ProbeConfig, ProbeError, lowshot_counts, lowshot_indices, run_probes
 
-TINY = EncoderConfig(img_size=8, patch_size=4, in_chans=1, embed_dim=16, depth=1, num_heads=2)
+TINY = tiny_encoder_config(img_size=8, embed_dim=16, depth=1)
 FAST = {"max_iter": 40, "weight_decays": [1e-3, 1e-1], "lowshot_per_class": 2, "feature_batch_size": 64}
 
 
@@ -136,7 +137,7 @@ def test_pixel_features_pool_large_images_only():
 
 # ----------------------------------------------------------------------------- end to end
 
-RGB8 = EncoderConfig(img_size=8, patch_size=4, in_chans=3, embed_dim=16, depth=1, num_heads=2)
+RGB8 = tiny_encoder_config(img_size=8, in_chans=3, embed_dim=16, depth=1)
 SPLITS = {"train": 48, "val": 24, "test": 24}
 
 
@@ -229,8 +230,7 @@ def test_run_probes_end_to_end_result_shape_and_cache(tmp_path, monkeypatch):
 
 def test_run_probes_scenes_count_depth_and_n_last_4(tmp_path):
     shards = _scenes_shards(tmp_path)
-    enc = _encoder(tmp_path / "enc", EncoderConfig(img_size=16, patch_size=4, in_chans=3, embed_dim=16, depth=4,
-                                                   num_heads=2))
+    enc = _encoder(tmp_path / "enc", tiny_encoder_config(in_chans=3, embed_dim=16, depth=4))
     cfg = dict(FAST, n_last=4, probes=["linear", "count", "depth"], baselines=["pixels"])
     metrics, extras = run_probes(cfg, enc, shards, tmp_path / "cache", progress=False)
     assert metrics["skipped"] == {}
@@ -256,8 +256,7 @@ def test_label_problems_surface_before_feature_extraction(tmp_path, monkeypatch)
 
 def test_mismatched_encoder_and_shards_name_both_values(tmp_path):
     shards = _imagefolder_shards(tmp_path)
-    big = _encoder(tmp_path / "big", EncoderConfig(img_size=16, patch_size=4, in_chans=3, embed_dim=16, depth=1,
-                                                   num_heads=2))
+    big = _encoder(tmp_path / "big", tiny_encoder_config(in_chans=3, embed_dim=16, depth=1))
     with pytest.raises(ProbeError, match=r"16x16.*8x8") as err:
         run_probes(FAST, big, shards, tmp_path / "cache", progress=False)
     assert "patch grid 4x4" in str(err.value) and "patch grid 2x2" in str(err.value)
@@ -283,8 +282,7 @@ def test_missing_or_corrupted_encoder_are_clear_errors(tmp_path):
 
 
 def test_empty_or_missing_split_names_the_split(tmp_path):
-    enc = _encoder(tmp_path / "enc", EncoderConfig(img_size=16, patch_size=4, in_chans=3, embed_dim=16, depth=1,
-                                                   num_heads=2))
+    enc = _encoder(tmp_path / "enc", tiny_encoder_config(in_chans=3, embed_dim=16, depth=1))
     empty = _scenes_shards(tmp_path / "a", {"train": 6, "val": 0, "test": 4})
     with pytest.raises(ProbeError, match="split 'val'.*empty"):
         run_probes(FAST, enc, empty, tmp_path / "cache", progress=False)
