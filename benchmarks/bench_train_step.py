@@ -1,16 +1,23 @@
 """Pretraining step speed: our train step vs a naive one, model FLOPs, machine matmul speed.
 
-One train step = masks for the batch (from (seed, step)), RandomResizedCrop, target encoder
-on the full image, context encoder on the context tokens, predictor, loss, backward, AdamW,
-EMA update — the library's own pieces (`ijepa.train`), on in-memory uint8 images (no
-decoding: data reading is not what is measured), at the trainer's default precision "auto"
+"Ours" is the step a user runs: the bench writes its in-memory uint8 images as a shard folder
+(a temporary directory, the data reader's format: tar shards of PNGs + manifest.json), builds
+the run exactly as `ijepa.trainer.run_pretraining` does (`prepare` -> `TrainPlan`,
+`Trainer(plan).build()`: the method from `ijepa.methods`, its masker, AdamW, schedules,
+precision) and times, per step, the trainer's own RandomResizedCrop (`trainer.augment`) on a
+uint8 batch from its data reader plus `trainer.train_step(step, images=...)`: masks from
+(seed, step), target encoder on the full image, context encoder on the context tokens,
+predictor, loss, backward, AdamW, EMA update. Data reading is not what is measured (the batch
+is read once, before timing), nor is the trainer's logging (``log_every`` is set beyond the
+timed steps: no grad norm / collapse signals). Precision: the trainer's default "auto"
 (`ijepa.precision`: bf16 autocast on CPUs with native bf16, else fp32; in bf16 the attention
-cores run in fp32, as in training). Also timed: our step in fp32 (and in bf16 where "auto"
-is fp32), and the naive step under our precision (`ratio_same_precision`: the code's gain
-without the precision's). Default: the `tiny` preset (ViT dim 192,
-depth 6; predictor 96 x 4), 28x28 grey, patch 4, paper mask values with min_keep 4, batch 64.
+cores run in fp32, as in training). Also timed: our step in fp32 (and in bf16 where "auto" is
+fp32), and the naive step under our precision (`ratio_same_precision`: the code's gain
+without the precision's). Default: the `tiny` preset (ViT dim 192, depth 6; predictor
+96 x 4), 28x28 grey, patch 4, paper mask values with min_keep 4, batch 64.
 
-The naive step, written here, runs the same models and optimiser with
+The naive step is the SAME trainer (same config, same initial weights, same
+`Trainer.train_step`), with these pieces swapped for hand-written ones (`make_naive_`):
   - hand-written attention softmax(Q K^T / sqrt(d)) V instead of fused SDPA,
   - masks sampled per image with Python loops (blocks placed one by one, context built from
     per-image lists, cut to the batch's shortest),
@@ -24,37 +31,50 @@ between the train steps (median), so they see the same background load as the st
 `flop_fraction` is against the fp32 rate (the issue's yardstick), `flop_fraction_own_precision`
 against the rate of the precision our step runs in.
 
-FLOPs per step: `torch.utils.flop_counter.FlopCounterMode` on the forward of the trained
-part (context encoder on the context tokens + predictor) and of the target encoder (full
-image), averaged over several mask draws; forward+backward = 3x forward for the trained part,
-1x for the target encoder (no grad). Elementwise work is not counted.
+FLOPs per step: `torch.utils.flop_counter.FlopCounterMode` on the forward of the method's
+trained module (context encoder on the context tokens + predictor) and of its target encoder
+(full image), averaged over several mask draws of the method's masker; forward+backward = 3x
+forward for the trained part, 1x for the target encoder (no grad). Elementwise work is not
+counted.
 
     python benchmarks/bench_train_step.py                      # 28x28 grey, patch 4
     python benchmarks/bench_train_step.py --img-size 64 --in-chans 3 --patch-size 8
+    python benchmarks/bench_train_step.py --quick              # smoke run (QUICK settings)
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
 import resource
 import statistics
 import sys
+import tempfile
 import time
-from dataclasses import replace
+from pathlib import Path
+from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from ijepa.masks import MaskConfig, MaskGenerator, Masks, make_generator
-from ijepa.models import PRESETS, Predictor, ViTEncoder
-from ijepa.precision import adapt_for_precision, autocast_for, resolve_precision
-from ijepa.train import (ContextPath, apply_schedules, build_optimizer, build_schedules, ema_update_, forward_jepa,
-                         load_config, param_groups)
-from ijepa.train_data import Augmenter, crop_params
+from ijepa.data.common import encode_image
+from ijepa.data.shards import FORMAT_VERSION, MANIFEST, shard_name
+from ijepa.hashing import file_sha256
+from ijepa.masks import MaskConfig, Masks, make_generator
+from ijepa.precision import resolve_precision
+from ijepa.train_data import AUG_STREAM, ShardInfo, crop_params, read_shard_info, to_float
+from ijepa.trainer import Trainer, prepare
+from ijepa.trainer.optim import param_groups
 
-__all__ = ["run", "NaiveAttention", "loop_masks", "loop_crops"]
+__all__ = ["run", "NaiveAttention", "loop_masks", "loop_crops", "loop_ema", "write_bench_shards", "bench_config",
+           "build_trainer", "make_naive_", "TimedStep", "step_flops"]
+
+# Schedules as in a long run (the timed steps sit in its warm-up); logging and checkpoints
+# never fall on a timed step.
+BENCH_TOTAL_STEPS, BENCH_WARMUP_STEPS = 10_000, 100
+NEVER = 10 ** 9
 
 
 # ------------------------------------------------------------------------ naive pieces
@@ -146,90 +166,125 @@ def loop_ema(target: nn.Module, online: nn.Module, m: float) -> None:
         pt.mul_(m).add_((1.0 - m) * po.detach())
 
 
-# ------------------------------------------------------------------------------ one step
-class Step:
-    """A full train step (ours, or naive=True), on fixed in-memory uint8 images."""
+# ---------------------------------------------------------------------- the real trainer
+def write_bench_shards(root: str | Path, images: torch.Tensor, per_shard: int = 1000) -> Path:
+    """uint8 [N, C, S, S] `images` as the train split of a shard folder in the format the data
+    reader (`ijepa.data.reader`, `ijepa.train_data.read_shard_info`) reads and verifies, the
+    layout `ijepa.data.shard_dataset` writes: ``train-%06d.tar`` of lossless PNGs + manifest.json
+    with image size, channels and per-shard samples / bytes / sha256."""
+    import webdataset as wds
 
-    def __init__(self, cfg, enc_cfg, pred_cfg, images: torch.Tensor, precision: str, naive: bool, seed: int = 0):
-        torch.manual_seed(seed)
-        self.cfg, self.naive = cfg, naive
-        self.device = torch.device("cpu")
-        self.encoder, self.predictor = ViTEncoder(enc_cfg), Predictor(enc_cfg, pred_cfg)
-        self.target = ViTEncoder(enc_cfg)
-        self.target.load_state_dict(self.encoder.state_dict())
-        self.target.requires_grad_(False).eval()
-        for mod in (self.encoder, self.predictor, self.target):
-            naive_attention_(mod) if naive else adapt_for_precision(mod, precision, self.device)
-        self.path = ContextPath(self.encoder, self.predictor)
-        if naive:  # torch's default AdamW on CPU: a loop of per-parameter ops
-            o = cfg.optimisation
-            self.opt = torch.optim.AdamW(param_groups(self.encoder, self.predictor), lr=o.start_lr,
-                                         weight_decay=o.weight_decay, betas=o.betas, eps=o.eps, foreach=False)
-        else:  # ours: the library's optimiser (fused AdamW)
-            self.opt = build_optimizer(cfg, self.encoder, self.predictor)
-        self.sched = build_schedules(cfg, 10_000, 100)
-        self.grid = enc_cfg.grid
-        self.masks = MaskGenerator(cfg.masks, self.grid)
-        self.images = images
-        self.batch = images.shape[0]
-        self.aug = Augmenter(True, cfg.augmentation.scale, cfg.augmentation.ratio, seed, self.batch, 0, 1)
-        self.autocast = autocast_for(precision, self.device)
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    n, c, h, w = images.shape
+    if h != w or images.dtype != torch.uint8:
+        raise ValueError(f"expected square uint8 images, got {images.dtype} {tuple(images.shape)}")
+    arr = images.permute(0, 2, 3, 1).contiguous().numpy()
+    shards = []
+    for k, lo in enumerate(range(0, n, per_shard)):
+        path = root / shard_name("train", k)
+        hi = min(n, lo + per_shard)
+        with wds.TarWriter(str(path)) as tar:
+            for i in range(lo, hi):
+                tar.write({"__key__": f"{i:08d}", "png": encode_image(arr[i])})
+        shards.append({"name": path.name, "samples": hi - lo, "bytes": path.stat().st_size,
+                       "sha256": file_sha256(path)})
+    manifest = {"format_version": FORMAT_VERSION, "dataset": "bench_random", "image_size": h, "channels": c,
+                "labels": {}, "splits": {"train": {"samples": n, "shards": shards}}}
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return root
+
+
+def bench_config(preset: str, patch_size: int | None, batch_size: int, precision: str, device: str = "cpu",
+                 masks: Mapping[str, Any] | None = None, seed: int = 0, encoder_overrides: dict | None = None,
+                 predictor_overrides: dict | None = None) -> dict:
+    """The pretraining parameters of a benchmarked run (`ijepa.train_config.load_config` checks them)."""
+    model: dict[str, Any] = {"preset": preset, "encoder": dict(encoder_overrides or {}),
+                             "predictor": dict(predictor_overrides or {})}
+    if patch_size is not None:
+        model["patch_size"] = patch_size
+    return {"method": "ijepa", "model": model, "masks": dict(masks or {}),
+            "optimisation": {"batch_size": batch_size, "total_steps": BENCH_TOTAL_STEPS,
+                             "warmup_steps": BENCH_WARMUP_STEPS},
+            "precision": precision, "device": device, "seed": seed, "data": {"mode": "memory"},
+            "log_every": NEVER, "checkpoint_every": NEVER, "progress": False}
+
+
+def build_trainer(cfg: Mapping[str, Any], shards: str | Path | ShardInfo, out_dir: str | Path) -> Trainer:
+    """The run a user gets from `run_pretraining` up to its first step: `prepare` (config,
+    shards, model config, masker, all checked) -> `Trainer(plan).build()`, trained modules in
+    train mode as in `Trainer.train_loop`. Nothing is written to `out_dir` before `run()`."""
+    trainer = Trainer(prepare(cfg, shards), out_dir)
+    trainer.build()
+    trainer.method.trained.train()
+    return trainer
+
+
+def make_naive_(trainer: Trainer) -> Trainer:
+    """Swap the naive pieces into a built I-JEPA trainer, in place: hand-written attention in
+    every module of the method, per-image loop masks, per-parameter EMA, torch's unfused
+    (for-loop) AdamW over the trainer's own parameter groups. Models, weights, schedules and
+    `Trainer.train_step` stay the trainer's; the loop crops are `naive_images`."""
+    method, cfg = trainer.method, trainer.cfg
+    for module in method.checkpoint_modules().values():
+        naive_attention_(module)
+    o = cfg.optimisation
+    trainer.optimizer = torch.optim.AdamW(param_groups(*method.trained.children()), lr=o.start_lr,
+                                          weight_decay=o.weight_decay, betas=o.betas, eps=o.eps, foreach=False)
+    grid, batch = trainer.plan.model.encoder.grid, trainer.global_batch
+
+    def masks_for(step: int) -> Masks:
+        return loop_masks(cfg.masks, grid, batch, make_generator(cfg.seed, step)).to(trainer.device)
+
+    def after_step(momentum: float) -> None:
+        loop_ema(method.target_encoder, method.encoder, momentum)
+
+    trainer.masks_for = masks_for
+    method.after_step = after_step
+    return trainer
+
+
+def naive_images(trainer: Trainer, raw: torch.Tensor, step: int) -> torch.Tensor:
+    """The trainer's crops of `step` (same boxes as `trainer.augment`), cut and resized per image."""
+    x = to_float(raw.to(trainer.device))
+    _, _, H, W = x.shape
+    a = trainer.cfg.augmentation
+    g = make_generator(AUG_STREAM, trainer.cfg.seed, step)
+    boxes = crop_params(trainer.global_batch, H, W, a.scale, a.ratio, g)
+    return loop_crops(x, boxes)
+
+
+class TimedStep:
+    """One timed train step: crops of a fixed uint8 batch, then `trainer.train_step`."""
+
+    def __init__(self, trainer: Trainer, raw: torch.Tensor, naive: bool = False):
+        self.trainer, self.raw, self.naive = trainer, raw, naive
         self.t = 0
-
-    def make_masks(self, t: int) -> Masks:
-        g = make_generator(self.cfg.seed, t)
-        if self.naive:
-            return loop_masks(self.cfg.masks, self.grid, self.batch, g)
-        return self.masks(self.batch, g)
-
-    def make_images(self, t: int) -> torch.Tensor:
-        if not self.naive:
-            return self.aug(self.images, t)
-        x = self.images.float() / 255
-        _, _, H, W = x.shape
-        boxes = crop_params(self.batch, H, W, self.cfg.augmentation.scale, self.cfg.augmentation.ratio,
-                            make_generator(1, t))
-        return loop_crops(x, boxes)
 
     def __call__(self) -> float:
         t = self.t
         self.t += 1
-        images, masks = self.make_images(t), self.make_masks(t)
-        v = self.sched.step()
-        loss, _ = forward_jepa(self.path, self.target, images, masks, self.cfg.loss, self.autocast)
-        apply_schedules(self.opt, v["lr"], v["weight_decay"])
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        (loop_ema if self.naive else ema_update_)(self.target, self.encoder, v["momentum"])
-        return float(loss.detach())
-
-    def flops_per_step(self, draws: int = 8) -> float:
-        """Model FLOPs of one training step (3x forward trained + 1x forward target)."""
-        x = self.images.float() / 255
-        total = 0.0
-        for t in range(draws):
-            m = self.masks(self.batch, make_generator(self.cfg.seed, 10_000 + t))
-            with torch.no_grad():
-                with FlopCounterMode(display=False) as fc:
-                    self.path(x, m.context, m.targets, m.context_valid)
-                trained = fc.get_total_flops()
-                with FlopCounterMode(display=False) as fc:
-                    self.target(x)
-                target = fc.get_total_flops()
-            total += 3 * trained + target
-        return total / draws
+        tr = self.trainer
+        images = naive_images(tr, self.raw, t) if self.naive else tr.augment(self.raw, t, tr.device)
+        return tr.train_step(t, images=images)["loss"]
 
 
-def matmul_gflops(n: int = 2048, repeats: int = 7) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        times.append(time.perf_counter() - t0)
-    return 2 * n ** 3 / statistics.median(times) / 1e9
+def step_flops(trainer: Trainer, images: torch.Tensor, draws: int = 8) -> float:
+    """Model FLOPs of one training step of an I-JEPA trainer (3x forward of the method's trained
+    module + 1x forward of its target encoder), averaged over `draws` draws of its masker."""
+    method, b = trainer.method, images.shape[0]
+    total = 0.0
+    for t in range(draws):
+        m = method.masks(b, make_generator(trainer.cfg.seed, 10_000 + t)).to(trainer.device)
+        with torch.no_grad(), trainer.autocast:
+            with FlopCounterMode(display=False) as fc:
+                method.trained(images, m.context, m.targets, m.context_valid)
+            trained = fc.get_total_flops()
+            with FlopCounterMode(display=False) as fc:
+                method.target_encoder(images)
+            target = fc.get_total_flops()
+        total += 3 * trained + target
+    return total / draws
 
 
 def _sig(x: float, digits: int = 3) -> float:
@@ -264,26 +319,36 @@ def run(img_size: int = 28, in_chans: int = 1, patch_size: int = 4, batch_size: 
         encoder_overrides: dict | None = None, predictor_overrides: dict | None = None) -> dict:
     """Median images/s of our step (fp32 and bf16) and of the naive step (fp32), side by side.
 
-    `encoder_overrides` / `predictor_overrides`: fields of the preset's shapes to change (smoke runs)."""
-    cfg = load_config({"model": {"preset": preset, "patch_size": patch_size}, "masks": {"min_keep": min_keep},
-                       "optimisation": {"batch_size": batch_size}, "seed": seed})
-    base = PRESETS[preset]
-    enc_cfg = replace(base.encoder, img_size=img_size, in_chans=in_chans, patch_size=patch_size,
-                      **(encoder_overrides or {}))
-    pred_cfg = replace(base.predictor, **(predictor_overrides or {}))
+    `encoder_overrides` / `predictor_overrides`: fields of the preset's shapes to change (smoke
+    runs; the config's ``model.encoder`` / ``model.predictor``)."""
     g = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (batch_size, in_chans, img_size, img_size), dtype=torch.uint8, generator=g)
     # "ours" runs as the trainer does by default (precision "auto": bf16 autocast on CPUs with
     # native bf16, else fp32); the naive step is fp32 (the headline ratio) and, where "auto" is
     # bf16, also under the same autocast, so the gain of the precision and of the code show apart.
     prec = resolve_precision("auto", torch.device("cpu"))
-    runs = {"ours": Step(cfg, enc_cfg, pred_cfg, images, prec, naive=False, seed=seed),
-            "naive": Step(cfg, enc_cfg, pred_cfg, images, "fp32", naive=True, seed=seed)}
-    if prec != "fp32":
-        runs["ours_fp32"] = Step(cfg, enc_cfg, pred_cfg, images, "fp32", naive=False, seed=seed)
-        runs["naive_same_precision"] = Step(cfg, enc_cfg, pred_cfg, images, prec, naive=True, seed=seed)
-    else:
-        runs["ours_bf16"] = Step(cfg, enc_cfg, pred_cfg, images, "bf16", naive=False, seed=seed)
+
+    def cfg(precision: str) -> dict:
+        return bench_config(preset, patch_size, batch_size, precision, "cpu", {"min_keep": min_keep}, seed,
+                            encoder_overrides, predictor_overrides)
+
+    # the shard folder is read while the trainers are built (data mode "memory"); after that
+    # nothing in the temporary folder is used
+    with tempfile.TemporaryDirectory(prefix="bench_train_step_") as tmp:
+        shards = read_shard_info(write_bench_shards(Path(tmp) / "shards", images), verify=True)
+
+        def trainer(name: str, precision: str) -> Trainer:
+            return build_trainer(cfg(precision), shards, Path(tmp) / name)
+
+        ours_tr = trainer("ours", "auto")
+        raw = next(iter(ours_tr.reader.batches(0)))  # this rank's uint8 batch from the data reader
+        runs = {"ours": TimedStep(ours_tr, raw),
+                "naive": TimedStep(make_naive_(trainer("naive", "fp32")), raw, naive=True)}
+        if prec != "fp32":
+            runs["ours_fp32"] = TimedStep(trainer("ours_fp32", "fp32"), raw)
+            runs["naive_same_precision"] = TimedStep(make_naive_(trainer("naive_same", prec)), raw, naive=True)
+        else:
+            runs["ours_bf16"] = TimedStep(trainer("ours_bf16", "bf16"), raw)
     for step in runs.values():
         for _ in range(warmup):
             step()
@@ -313,17 +378,17 @@ def run(img_size: int = 28, in_chans: int = 1, patch_size: int = 4, batch_size: 
     naive_same_s = med.get("naive_same_precision", med["naive"])
     for name in [k for k in runs if k != "ours"]:
         del runs[name]
-    import gc
-
     gc.collect()
     peak_scope = f"our {prec} steps only" if _reset_peak_rss() else "whole benchmark process"
     rss_before = _peak_rss_mb("VmRSS")
     ours()
     ours()
     peak = _peak_rss_mb()
-    flops = ours.flops_per_step()
+    flops = step_flops(ours.trainer, to_float(raw))
     model_gflop_s = flops / med["ours"] / 1e9
     ours_img_s, naive_img_s = batch_size / med["ours"], batch_size / med["naive"]
+    plan = ours.trainer.plan
+    enc = plan.model.encoder
     return {
         "precision": prec,
         "ours_img_s": round(ours_img_s, 1),
@@ -347,14 +412,21 @@ def run(img_size: int = 28, in_chans: int = 1, patch_size: int = 4, batch_size: 
         "model_bf16_gflop_s": round(flops / bf16_s / 1e9, 2),
         "gflop_per_step": round(flops / 1e9, 3),
         "step_ms": {k: round(v * 1e3, 1) for k, v in med.items()},
-        "config": {"preset": preset, "img_size": img_size, "in_chans": in_chans, "patch_size": patch_size,
-                   "grid": list(enc_cfg.grid), "batch_size": batch_size, "min_keep": min_keep, "steps": steps,
-                   "threads": torch.get_num_threads(), "embed_dim": enc_cfg.embed_dim, "depth": enc_cfg.depth,
-                   "context_policy": cfg.masks.context_policy},
+        "config": {"preset": preset, "img_size": img_size, "in_chans": in_chans, "patch_size": enc.patch_size,
+                   "grid": list(enc.grid), "batch_size": batch_size, "min_keep": min_keep, "steps": steps,
+                   "threads": torch.get_num_threads(), "embed_dim": enc.embed_dim, "depth": enc.depth,
+                   "context_policy": plan.cfg.masks.context_policy, "method": plan.cfg.method,
+                   "timed": "Trainer.augment + Trainer.train_step(step, images=...)"},
         "rss_before_steps_mb": round(rss_before, 1),
         "peak_mem_note": f"peak RSS (CPU) of the process during {peak_scope}; it includes the libraries and "
                          f"models (rss_before_steps_mb)",
     }
+
+
+# the smallest settings (`--quick`, run_all's smoke run): 16 px grey, a 2-block width-32 ViT
+QUICK = dict(img_size=16, in_chans=1, patch_size=4, batch_size=8, steps=2, warmup=1, min_keep=2, matmul_n=256,
+             encoder_overrides={"embed_dim": 32, "depth": 2, "num_heads": 2},
+             predictor_overrides={"embed_dim": 16, "depth": 1, "num_heads": 2})
 
 
 if __name__ == "__main__":
@@ -368,6 +440,8 @@ if __name__ == "__main__":
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--min-keep", type=int, default=4)
+    ap.add_argument("--quick", action="store_true", help="smoke run: the QUICK settings; other flags ignored")
     a = ap.parse_args()
-    print(json.dumps(run(a.img_size, a.in_chans, a.patch_size, a.batch_size, a.preset, a.steps,
-                         min_keep=a.min_keep), indent=2))
+    out = run(**QUICK) if a.quick else run(a.img_size, a.in_chans, a.patch_size, a.batch_size, a.preset, a.steps,
+                                            min_keep=a.min_keep)
+    print(json.dumps(out, indent=2))
