@@ -16,10 +16,12 @@ and low-shot on its `cls` label):
            of each run (`train_s`: step time from the trainer's log; `wall_s`: the whole call,
            including data loading and checkpoints) is recorded next to the budget, so a
            deviation caused by machine load is visible;
-3. pretrain `ijepa.train.run_pretraining` with the project's pretraining parameters
-           (conf/base/parameters_pretrain.yml common + dataset + tuned masks, so precision
-           "auto" and the default context policy); ``method: mae`` for the MAE
-           baseline (same encoder, 0.75 random masking, light pixel decoder, same augmentation);
+3. pretrain `ijepa.trainer.run_pretraining` with the project's pretraining parameters
+           (conf/base/parameters_pretrain.yml common + dataset + tuned masks, resolved by
+           `ijepa.params.pretrain_mapping`, so precision "auto" and the default context
+           policy); ``method: mae`` for the MAE baseline (same encoder; its
+           ``method_options`` default to 0.75 random masking and a light pixel decoder; same
+           augmentation);
 4. probe   `ijepa.probes.run_probes` on both exported encoders with the same probe config
            (project parameters, n_last 4 by default); random_init and pixels come from the
            I-JEPA call (random_init re-drawn per seed).
@@ -44,8 +46,6 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
-
 from ijepa import atomic
 from ijepa.config import deep_merge
 
@@ -64,20 +64,19 @@ QUICK_SIZES = {"fashion_mnist": {"train": 3000, "val": 500, "test": 1000},
 log = logging.getLogger("bench_quality")
 
 
-def _params(name: str) -> dict:
-    path = ROOT / "conf" / "base" / f"parameters_{name}.yml"
-    return yaml.safe_load(path.read_text()) if path.exists() else {}
+def _params() -> dict:
+    """The project's parameter files (conf/base only: a benchmark does not follow local edits)."""
+    from ijepa.params import read_parameters
 
-
-def _section(params: Mapping[str, Any], key: str, dataset: str) -> dict:
-    sec = params.get(key) or {}
-    return deep_merge(dict(sec.get("common") or {}), dict(sec.get(dataset) or {}))
+    return read_parameters([ROOT / "conf" / "base"])
 
 
 def shard_config(dataset: str, quick: bool) -> dict:
-    cfg = _section(_params("shard"), "shard", dataset) or {"source": dataset}
+    from ijepa.params import shard_mapping
+
+    cfg = shard_mapping(_params(), dataset)
     fields = _shard_fields()
-    cfg = {k: v for k, v in cfg.items() if k in fields}  # pipeline-only keys (e.g. preview) dropped
+    cfg = {k: v for k, v in cfg.items() if k in fields}  # pipeline-only keys dropped
     if quick:
         cfg["max_samples"] = dict(QUICK_SIZES[dataset])
         if dataset == "scenes":  # generate only what is used
@@ -94,19 +93,19 @@ def _shard_fields() -> set[str]:
 
 
 def pretrain_config(dataset: str, method: str, seed: int, overrides: Mapping[str, Any] | None = None) -> dict:
-    cfg = _section(_params("pretrain"), "pretrain", dataset)
-    tuned = ((_params("tuned").get("tuned_masks") or {}).get(dataset)) or {}
-    if tuned:
-        cfg = deep_merge(cfg, {"masks": dict(tuned)})
-    cfg = deep_merge(cfg, {"method": method, "seed": seed, "progress": False, "nproc": 1})
-    return deep_merge(cfg, dict(overrides or {}))
+    """The project's pretraining mapping for `dataset` (common + dataset + tuned masks, by
+    `ijepa.params.pretrain_mapping`), then the bench's settings, then `overrides`."""
+    from ijepa.params import pretrain_mapping
+
+    bench = {"method": method, "seed": seed, "progress": False, "nproc": 1}
+    return deep_merge(pretrain_mapping(_params(), dataset, bench), dict(overrides or {}))
 
 
 def probe_config(dataset: str, overrides: Mapping[str, Any] | None = None) -> dict:
-    cfg = _section(_params("probe"), "probe", dataset)
-    cfg.pop("encoder_path", None)
-    cfg = deep_merge(cfg, {"n_last": 4, "probes": list(PROBES[dataset])})
-    return deep_merge(cfg, dict(overrides or {}))
+    from ijepa.params import probe_mapping
+
+    bench = {"n_last": 4, "probes": list(PROBES[dataset])}
+    return deep_merge(probe_mapping(_params(), dataset, bench), dict(overrides or {}))
 
 
 def ensure_shards(dataset: str, work: Path, quick: bool) -> Path:
@@ -157,7 +156,8 @@ def _history(summary: Mapping[str, Any]) -> list[dict]:
 def pretrain_for_budget(dataset: str, method: str, seed: int, shards: Path, work: Path, budget_s: float,
                         calib_steps: int, overrides: Mapping[str, Any] | None = None) -> dict:
     """Calibrate steps/s, then one fixed-length run whose steps fill `budget_s`; returns its facts."""
-    from ijepa.train import load_config, run_pretraining
+    from ijepa.train_config import load_config
+    from ijepa.trainer import run_pretraining
 
     base = pretrain_config(dataset, method, seed, overrides)
     batch = int(load_config(base).optimisation.batch_size)
