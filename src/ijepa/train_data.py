@@ -12,7 +12,7 @@ data library (`ijepa.data`):
   ``[r*b, (r+1)*b)`` of it. Every rank has the same number of batches, N ranks with batch b
   see exactly the images of 1 rank with batch N*b, and resume jumps to batch `k` directly.
 - `StreamBatches` (large datasets; ``data.mode: stream``, or auto above the limit):
-  WebDataset streaming as in DESIGN.md §5 through `ijepa.data.make_loader`: shards
+  WebDataset streaming through `ijepa.data.make_loader`: shards
   resampled per (rank, worker), a seeded sample shuffle buffer, and the epoch cut by
   ``with_epoch`` to exactly `steps_per_epoch` batches on every rank. The order is fixed for
   fixed (seed, epoch, rank, world, num_workers); resume re-opens the epoch and skips the
@@ -129,7 +129,7 @@ class MemoryBatches:
 
 class StreamBatches:
     """WebDataset streaming through `ijepa.data.make_loader` with resampled shards and
-    ``with_epoch`` (DESIGN.md §5): exactly `steps_per_epoch` batches per rank and epoch; the
+    ``with_epoch`` (so that DDP ranks never wait on each other): exactly `steps_per_epoch` batches per rank and epoch; the
     order is fixed by (seed, epoch, rank, world_size, num_workers)."""
 
     def __init__(self, info: ShardInfo, batch_size: int, rank: int, world_size: int, seed: int,
