@@ -169,7 +169,7 @@ def test_a_new_method_is_one_module_and_a_registry_entry(tmp_path, monkeypatch):
     state = torch.load(summary["checkpoint"], map_location="cpu", weights_only=False)
     assert set(state) >= {"encoder", "optimizer"} and "target_encoder" not in state
     enc = load_encoder(summary["encoder_dir"])
-    torch.testing.assert_close(enc.state_dict()["pos_embed"], state["encoder"]["pos_embed"])
+    torch.testing.assert_close(enc.state_dict()["patch_embed.proj.weight"], state["encoder"]["patch_embed.proj.weight"])
     # its options are checked like any method's: this one takes none
     with pytest.raises(ConfigError, match=r"method 'toy' takes no options"):
         run_pretraining({**cfg, "method_options": {"x": 1}}, shards, tmp_path / "run2")

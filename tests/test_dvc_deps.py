@@ -4,7 +4,7 @@ For each stage of dvc.yaml that runs `kedro run --pipeline <name>`, the project 
 stage needs are computed, never listed by hand, so the check keeps working as modules move:
 
 - dynamically: `pipelines.<name>.pipeline` and the `kedro run` path of this project
-  (ijepa_kedro: settings, hooks, datasets, params, pipeline_registry) are imported in a fresh
+  (ijepa_kedro: settings, hooks, datasets, pipeline_registry) are imported in a fresh
   interpreter (cwd = repository root, src/ on sys.path); every loaded module whose file lies
   inside the repository (outside the interpreter's own prefix) counts;
 - statically: from pipelines/<name>/*.py and src/ijepa_kedro/*.py, every `import` /
@@ -180,7 +180,7 @@ root, src, pipeline = sys.argv[1:4]
 sys.path[:0] = [src, root]
 mod = importlib.import_module(f"pipelines.{pipeline}.pipeline")
 mod.create_pipeline()
-for name in ("settings", "hooks", "datasets", "params", "pipeline_registry"):
+for name in ("settings", "hooks", "datasets", "pipeline_registry"):
     importlib.import_module(f"%s.{name}")
 prefixes = {os.path.realpath(p) + os.sep for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
 files = set()

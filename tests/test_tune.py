@@ -4,7 +4,6 @@ studies, two worker processes, the apply-best hand-off, and the Pretrainer's on_
 hook it relies on."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest

@@ -11,7 +11,7 @@ import torch
 from ijepa.data import make_pipeline
 from ijepa.export import file_sha256
 from ijepa.masks import make_generator
-from ijepa.params import pretrain_config
+from ijepa.params import pretrain_mapping
 from ijepa.tracking import default_tracker
 from ijepa.trainer import TrainPlan, prepare, retire_stale_checkpoints, train
 from ijepa.viz.masks import plot_masks
@@ -20,8 +20,7 @@ from ijepa.viz.masks import plot_masks
 def plan_pretraining(params: dict[str, Any], tuned: dict[str, Any], dataset: str, shards: Path) -> TrainPlan:
     """Every parameter checked against this data before any work (ConfigError names the
     field). `shards` was sha256-verified when the catalog loaded it, so not again here."""
-    cfg = pretrain_config({"pretrain": params, "tuned_masks": tuned}, dataset)
-    return prepare(cfg, shards, verify=False)
+    return prepare(pretrain_mapping({"pretrain": params, "tuned_masks": tuned}, dataset), shards, verify=False)
 
 
 def mask_preview(plan: TrainPlan, n: int = 6) -> Any:

@@ -8,12 +8,12 @@ import mlflow
 
 from ijepa.probes import run_probes
 from ijepa.viz.probes import plot_confusion, plot_probe_bars
-from ijepa_kedro.params import for_dataset
+from ijepa.params import probe_mapping
 
 
 def probe(params: dict[str, Any], dataset: str, encoder: Path, shards: Path, cache: Path
           ) -> tuple[dict, dict, list, dict, Any, Any]:
-    cfg = for_dataset({k: v for k, v in params.items() if k != "encoder_path"}, dataset, "probe")
+    cfg = probe_mapping({"probe": params}, dataset)
     # A user may point the probes at any exported encoder instead of this dataset's own.
     encoder_path = Path(params.get("encoder_path") or encoder)
     metrics, extras = run_probes(cfg, encoder_path, shards, cache)

@@ -9,11 +9,11 @@ import mlflow
 from ijepa.data import shard_dataset
 from ijepa.hashing import file_sha256
 from ijepa.viz.samples import plot_samples
-from ijepa_kedro.params import for_dataset
+from ijepa.params import shard_mapping
 
 
 def shard(params: dict[str, Any], dataset: str, out_dir: Path) -> tuple[dict, dict, dict, Any]:
-    cfg = {"dataset": dataset, **for_dataset(params, dataset, "shard")}
+    cfg = shard_mapping({"shard": params}, dataset)
     result = shard_dataset(cfg, out_dir, progress=True)
     manifest = result.manifest
     sha = file_sha256(Path(out_dir) / "manifest.json")

@@ -11,7 +11,6 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import PatchEmbed, build_sincos2d_pos_embed, trunc_normal_
 from timm.models.vision_transformer import Block
 

@@ -11,16 +11,21 @@ dataset::
 A dataset's mapping is ``common`` deep-merged with its own block; for pretraining,
 ``tuned_masks.<dataset>`` (conf/base/parameters_tuned.yml, written by ``make apply-best``)
 is merged into ``masks`` after that, and the caller's overrides last.
+
+The mappings become typed configs where they are defined, which also checks them and names a
+bad field: ``ijepa.train_config.load_config`` (pretraining), ``ijepa.probes.ProbeConfig`` and
+``ijepa.data.config.ShardConfig`` through ``ijepa.config.from_mapping``. This module imports
+none of them, so a stage that only shards does not depend on the trainer's code.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ijepa.config import ConfigError, deep_merge, from_mapping
+from ijepa.config import ConfigError, deep_merge
 
-__all__ = ["read_parameters", "for_dataset", "pretrain_mapping", "pretrain_config", "probe_mapping",
-           "probe_config", "shard_mapping", "DEFAULT_CONF_DIRS"]
+__all__ = ["read_parameters", "for_dataset", "pretrain_mapping", "probe_mapping", "shard_mapping",
+           "DEFAULT_CONF_DIRS"]
 
 DEFAULT_CONF_DIRS = ("conf/base", "conf/local")
 
@@ -66,24 +71,11 @@ def pretrain_mapping(params: Mapping[str, Any], dataset: str,
     return deep_merge(out, dict(overrides or {}))
 
 
-def pretrain_config(params: Mapping[str, Any], dataset: str, overrides: Mapping[str, Any] | None = None):
-    """The validated `PretrainConfig` (ConfigError names the field as ``pretrain.<field>``)."""
-    from ijepa.train_config import PretrainConfig
-
-    return from_mapping(PretrainConfig, pretrain_mapping(params, dataset, overrides), "pretrain")
-
-
 def probe_mapping(params: Mapping[str, Any], dataset: str,
                   overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """`params` holds the section ``probe``; its ``encoder_path`` is not a probe setting."""
     section = {k: v for k, v in (params.get("probe") or {}).items() if k != "encoder_path"}
     return deep_merge(for_dataset(section, dataset, "probe"), dict(overrides or {}))
-
-
-def probe_config(params: Mapping[str, Any], dataset: str, overrides: Mapping[str, Any] | None = None):
-    from ijepa.probes import ProbeConfig
-
-    return from_mapping(ProbeConfig, probe_mapping(params, dataset, overrides), "probe")
 
 
 def shard_mapping(params: Mapping[str, Any], dataset: str,

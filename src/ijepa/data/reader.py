@@ -1,7 +1,6 @@
-"""Read what `shard_dataset` wrote: manifest, verification, in-memory splits, WebDataset streams.
+"""Read what `shard_dataset` wrote: in-memory splits and WebDataset streams (the manifest and
+its verification are in `ijepa.data.manifest`, re-exported here).
 
-- ``load_manifest(shard_dir)`` -> dict; ``verify_shards(shard_dir)`` checks every listed shard's
-  presence, size and sha256; ``split_urls(shard_dir, split)`` -> shard paths in manifest order.
 - ``load_split(shard_dir, split, labels=True)`` -> (uint8 [N, C, H, W], {label: LongTensor [N]}),
   in shard order (= the order the samples were written).
 - ``make_pipeline(...)`` / ``make_loader(...)``: WebDataset streaming for training (below).
@@ -28,7 +27,6 @@ every run. Build a new pipeline or loader for each epoch (it is cheap), passing 
 from __future__ import annotations
 
 import io
-import json
 import math
 import random
 import tarfile
@@ -38,122 +36,14 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from ijepa.hashing import file_sha256
+from ijepa.data.manifest import (MANIFEST, ManifestMissingError, ShardError, UnknownSplitError, label_names,
+                                 shard_entries, shard_root, split_info, load_manifest, split_size, split_urls,
+                                 verify_shards)
 from ijepa.seeding import stream_seed  # also importable from here, as before
 
-__all__ = ["ShardError", "ManifestMissingError", "UnknownSplitError", "load_manifest", "verify_shards",
+__all__ = ["MANIFEST", "ShardError", "ManifestMissingError", "UnknownSplitError", "load_manifest", "verify_shards",
            "split_urls", "split_size", "label_names", "decode_sample", "make_pipeline", "make_loader",
            "load_split", "iter_split_samples", "stream_seed"]
-
-MANIFEST = "manifest.json"
-
-
-class ShardError(RuntimeError):
-    """A shard folder is missing, incomplete, altered or does not match its manifest."""
-
-
-class ManifestMissingError(ShardError, FileNotFoundError):
-    """No manifest.json (never written, or a write was interrupted)."""
-
-
-class UnknownSplitError(ShardError, KeyError):
-    """The manifest has no such split."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0]) if self.args else ""
-
-
-def _root(shard_dir: str | Path) -> Path:
-    return Path(shard_dir)
-
-
-def load_manifest(shard_dir: str | Path) -> dict[str, Any]:
-    """manifest.json of `shard_dir` as a dict (ManifestMissingError / ShardError naming the file)."""
-    path = _root(shard_dir) / MANIFEST
-    if not path.is_file():
-        raise ManifestMissingError(f"no shard manifest at {path} (shards not written yet, or an interrupted "
-                                   f"write: run the shard stage again)")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise ShardError(f"{path}: unreadable manifest ({err})") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
-        raise ShardError(f"{path}: not a shard manifest (no 'splits' mapping)")
-    return manifest
-
-
-def _split(manifest: dict[str, Any], split: str, where: Any) -> dict[str, Any]:
-    splits = manifest["splits"]
-    if split not in splits:
-        raise UnknownSplitError(f"{where}: no split {split!r} in the manifest (has {sorted(splits)})")
-    return splits[split]
-
-
-def _shard_entries(info: dict[str, Any], where: Any) -> list[dict[str, Any]]:
-    """The split's shard records ({"name", "samples", "bytes", "sha256"}); bare file names
-    (hand-written manifests) are accepted as {"name": ...}."""
-    out = []
-    for s in info.get("shards", []):
-        if isinstance(s, str):
-            out.append({"name": s})
-        elif isinstance(s, dict) and isinstance(s.get("name"), str):
-            out.append(s)
-        else:
-            raise ShardError(f"{where}: bad shard entry {s!r} in the manifest")
-    return out
-
-
-def split_urls(shard_dir: str | Path, split: str) -> list[str]:
-    """Paths of the split's shards in manifest (= writing) order."""
-    root = _root(shard_dir)
-    info = _split(load_manifest(root), split, root)
-    return [str(root / s["name"]) for s in _shard_entries(info, root)]
-
-
-def split_size(shard_dir: str | Path, split: str) -> int:
-    root = _root(shard_dir)
-    return int(_split(load_manifest(root), split, root)["samples"])
-
-
-def label_names(manifest: dict[str, Any]) -> list[str]:
-    """The label keys the shards carry (e.g. ["cls", "count", "depth"]): the keys of the
-    manifest's label schema (or an explicit "label_fields" list)."""
-    fields = manifest.get("label_fields")
-    if isinstance(fields, list):
-        return [str(f) for f in fields]
-    return list(manifest.get("labels") or {})
-
-
-def verify_shards(shard_dir: str | Path, splits: Sequence[str] | None = None) -> dict[str, Any]:
-    """Check that every shard listed in the manifest exists with the recorded size and sha256.
-
-    Returns the manifest. Raises ManifestMissingError, or ShardError naming the first bad file."""
-    root = _root(shard_dir)
-    manifest = load_manifest(root)
-    names = list(manifest["splits"]) if splits is None else list(splits)
-    for split in names:
-        info = _split(manifest, split, root)
-        total = 0
-        for s in _shard_entries(info, root):
-            path = root / s["name"]
-            if not path.is_file():
-                raise ShardError(f"missing shard {path} (listed in {root / MANIFEST}, split {split!r})")
-            if not all(k in s for k in ("bytes", "sha256", "samples")):
-                raise ShardError(f"{root / MANIFEST}: shard {s['name']} has no recorded bytes/sha256/samples; "
-                                 f"cannot verify it")
-            size = path.stat().st_size
-            if size != s["bytes"]:
-                raise ShardError(f"shard {path} has {size} bytes, the manifest says {s['bytes']} (altered or "
-                                 f"truncated)")
-            digest = file_sha256(path)
-            if digest != s["sha256"]:
-                raise ShardError(f"shard {path} sha256 {digest} does not match the manifest ({s['sha256']}): "
-                                 f"the file was altered")
-            total += int(s["samples"])
-        if total != int(info["samples"]):
-            raise ShardError(f"{root / MANIFEST}: split {split!r} lists {total} samples in its shards but "
-                             f"{info['samples']} in total")
-    return manifest
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -300,10 +190,10 @@ def make_pipeline(shard_dir: str | Path, split: str, *, labels: bool = True, bat
     """
     import webdataset as wds
 
-    root = _root(shard_dir)
+    root = shard_root(shard_dir)
     manifest = verify_shards(root, [split]) if verify else load_manifest(root)
-    info = _split(manifest, split, root)
-    urls = [str(root / s["name"]) for s in _shard_entries(info, root)]
+    info = split_info(manifest, split, root)
+    urls = [str(root / s["name"]) for s in shard_entries(info, root)]
     if not urls:
         raise ShardError(f"{root}: split {split!r} has no shards (0 samples)")
     rank, world_size = _dist_rank_world(rank, world_size)
@@ -385,9 +275,9 @@ def load_split(shard_dir: str | Path, split: str, labels: bool = True,
     """The whole split in memory, in shard order: (uint8 [N, C, H, W], {label: LongTensor [N]}).
 
     The label dict is empty with labels=False or when the dataset has no labels."""
-    root = _root(shard_dir)
+    root = shard_root(shard_dir)
     manifest = verify_shards(root, [split]) if verify else load_manifest(root)
-    info = _split(manifest, split, root)
+    info = split_info(manifest, split, root)
     n, c, size = int(info["samples"]), int(manifest["channels"]), int(manifest["image_size"])
     names = label_names(manifest) if labels else []
     images = np.empty((n, size, size, c), np.uint8)
