@@ -117,6 +117,23 @@ def test_trial_config_and_masks_from_params():
     assert out["masks"]["min_keep"] == TINY_MASKS["min_keep"] and out["masks"]["npred"] == 2
     assert out["optimisation"]["total_steps"] == 4 and out["optimisation"]["lr"] == 0.002
     assert out["checkpoint_every"] == 2 and out["nproc"] == 1 and out["model"] == TINY_MODEL
+    assert out["data"]["verify"] is False  # the study verifies the shards once, not every trial
+
+
+def test_a_corrupt_shard_stops_the_study_before_any_trial(tmp_path, shards):
+    import shutil
+
+    from ijepa.data import ShardError
+
+    bad = tmp_path / "bad"
+    shutil.copytree(shards, bad)
+    tar = sorted(bad.glob("train-*.tar"))[0]
+    data = bytearray(tar.read_bytes())
+    data[600] ^= 0xFF
+    tar.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=tar.name):
+        tune.run_study({**tune_cfg(tmp_path), "mlflow": False}, base_pretrain(), PROBE, bad, tmp_path / "work")
+    assert not (tmp_path / "work").exists()
 
 
 # ----------------------------------------------------------------------------- the hook

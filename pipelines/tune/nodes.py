@@ -17,4 +17,5 @@ def tune_masks(tune: dict[str, Any], pretrain: dict[str, Any], tuned: dict[str, 
     """Run (or continue) the study for `dataset`; returns its summary (best trial, states)."""
     base = pretrain_mapping({"pretrain": pretrain, "tuned_masks": tuned}, dataset)
     probe_params = probe_mapping({"probe": probe}, dataset)
-    return run_study({**tune, "dataset": dataset}, base, probe_params, shards, tune_dir)
+    # `shards` was sha256-verified when the catalog loaded it: the study does not verify again
+    return run_study({**tune, "dataset": dataset}, base, probe_params, shards, tune_dir, shards_verified=True)

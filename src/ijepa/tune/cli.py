@@ -98,7 +98,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if cfg.mlflow:
         tracking = _mlflow_tracking_uri()
         parent = study_parent_run(cfg)
-    run_worker(cfg, pre, probe, args.shards or f"data/02_shards/{args.dataset}",
+    shards = args.shards or f"data/02_shards/{args.dataset}"
+    from ijepa.train_data import read_shard_info
+
+    read_shard_info(shards, verify=True)  # once for this worker: its trials do not verify again
+    run_worker(cfg, pre, probe, shards,
                args.work_dir or f"data/07_tune/{args.dataset}", args.n_trials if args.n_trials is not None else cfg.n_trials,
                tracking, parent, args.index)
     return 0

@@ -101,7 +101,9 @@ def trial_pretrain_params(base: Mapping[str, Any], cfg: TuneConfig, params: Mapp
         optim["batch_size"] = t.batch_size
     if "lr" in params:
         optim["lr"] = float(params["lr"])
-    run = {"checkpoint_every": t.eval_every, "keep_last": 1, "progress": False, "nproc": 1}
+    # the study verified the shards once; every trial reads the same ones
+    run = {"checkpoint_every": t.eval_every, "keep_last": 1, "progress": False, "nproc": 1,
+           "data": {"verify": False}}
     if threads is not None and out.get("threads") is None:
         run["threads"] = threads
     log_every = int(out.get("log_every", 10))

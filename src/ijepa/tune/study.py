@@ -25,14 +25,16 @@ log = logging.getLogger("ijepa.tune")
 
 def run_study(tune_cfg: TuneConfig | Mapping[str, Any], base_pretrain: Mapping[str, Any],
               probe: Mapping[str, Any], shard_dir: str | Path, work_dir: str | Path, *,
-              parent_run_id: str | None = None, tracking_uri: str | None = None) -> dict[str, Any]:
+              parent_run_id: str | None = None, tracking_uri: str | None = None,
+              shards_verified: bool = False) -> dict[str, Any]:
     """Run (or continue) the study; returns a JSON-ready summary (see the package docstring).
 
     `base_pretrain`: the dataset's resolved pretraining parameters (common + dataset +
     tuned masks); `probe`: the dataset's probe parameters. Everything is validated before
     the first trial: the tune config (ConfigError naming the field), the pretraining config
     at a trial's point (so a base that can never work fails here, not in N trials) and the
-    shards.
+    shards (their train split's sha256, once for the whole study: the trials do not verify
+    again; `shards_verified` when the caller did it already, e.g. Kedro's catalog).
     """
     import optuna
 
@@ -48,7 +50,7 @@ def run_study(tune_cfg: TuneConfig | Mapping[str, Any], base_pretrain: Mapping[s
         load_config(trial_pretrain_params(base_pretrain, cfg, space_centre(cfg.space)))
     except ConfigError as err:
         raise ConfigError(f"tune: the pretraining parameters of a trial are invalid: {err}") from None
-    read_shard_info(shard_dir, verify=False)
+    read_shard_info(shard_dir, verify=not shards_verified)
     work_dir.mkdir(parents=True, exist_ok=True)
 
     threads = max(1, (os.cpu_count() or 1) // cfg.workers) if cfg.workers > 1 else None
