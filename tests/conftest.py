@@ -1,12 +1,19 @@
 """Helpers shared by several test files (plain functions and constants: `from conftest import ...`).
 
-The pretraining tests share tests/test_train_fixtures.py (tiny shards and configs) instead.
+- `tiny_config(**over)`: a pretraining config small enough for CPU tests (fp32, deterministic).
+- `make_shards(root, n, size, channels)`: a shard folder with a train split: grey blob images
+  written with webdataset's TarWriter and a manifest in the data library's format
+  (channels=1), or the project's own writer on procedural scenes (channels=3).
 """
 from __future__ import annotations
 
 import importlib.util
+import io
+import json
 from pathlib import Path
 from types import ModuleType
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository
 BENCHMARKS = ROOT / "benchmarks"
@@ -27,3 +34,77 @@ def tiny_encoder_config(**over):
 
     fields = dict(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2)
     return EncoderConfig(**{**fields, **over})
+
+
+# ----------------------------------------------------------------------------- pretraining
+TINY_MODEL = {"preset": "tiny", "patch_size": 4,
+              "encoder": {"embed_dim": 32, "depth": 2, "num_heads": 2},
+              "predictor": {"embed_dim": 16, "depth": 1, "num_heads": 2}}
+TINY_MASKS = {"npred": 2, "pred_scale": [0.15, 0.25], "pred_aspect": [0.75, 1.5], "nenc": 1,
+              "enc_scale": [0.85, 1.0], "enc_aspect": [1.0, 1.0], "min_keep": 3}
+
+
+def tiny_config(**over) -> dict:
+    cfg = {"model": TINY_MODEL, "masks": TINY_MASKS,
+           "optimisation": {"batch_size": 8, "total_steps": 12, "warmup_steps": 2, "lr": 1e-3},
+           "checkpoint_every": 4, "keep_last": 2, "log_every": 2, "seed": 3, "threads": 1,
+           # fp32: numeric comparisons (DDP vs one process, resume) are made at fp32 tolerances;
+           # "auto" may resolve to bf16 on this CPU (ijepa.precision), which has its own tests
+           "precision": "fp32", "deterministic": True, "progress": False}
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(cfg.get(k), dict):
+            cfg[k] = {**cfg[k], **v}
+        else:
+            cfg[k] = v
+    return cfg
+
+
+def blob_images(n: int, size: int, channels: int, seed: int = 0) -> np.ndarray:
+    """uint8 [n, size, size, channels]: a few Gaussian blobs per image."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    out = np.zeros((n, size, size, channels), np.float32)
+    for i in range(n):
+        for _ in range(3):
+            cy, cx = rng.uniform(0, size, 2)
+            r = rng.uniform(size / 8, size / 3)
+            col = rng.uniform(0.3, 1.0, channels)
+            out[i] += np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))[..., None] * col
+    return (np.clip(out, 0, 1) * 255).astype(np.uint8)
+
+
+def make_shards(root: Path, n: int = 64, size: int = 16, channels: int = 1, per_shard: int = 32,
+                seed: int = 0) -> Path:
+    """A shard folder with a train split of `n` images.
+
+    channels=3: the project's own writer (`ijepa.data.shard_dataset`, procedural scenes).
+    channels=1: grey blob images written with webdataset's TarWriter and a manifest in the
+    data library's format (so grey and RGB inputs are both exercised)."""
+    root = Path(root)
+    if channels == 3:
+        from ijepa.data import shard_dataset
+
+        shard_dataset({"source": "scenes", "image_size": size, "seed": seed, "maxcount": per_shard,
+                       "scenes": {"sizes": {"train": n}}}, root)
+        return root
+    import webdataset as wds
+
+    from ijepa.hashing import file_sha256
+    from PIL import Image
+
+    root.mkdir(parents=True, exist_ok=True)
+    imgs = blob_images(n, size, channels, seed)
+    shards = []
+    for s in range(0, n, per_shard):
+        name = f"train-{s // per_shard:06d}.tar"
+        with wds.TarWriter(str(root / name)) as w:
+            for i in range(s, min(n, s + per_shard)):
+                buf = io.BytesIO()
+                Image.fromarray(imgs[i, ..., 0]).save(buf, format="PNG")
+                w.write({"__key__": f"{i:06d}", "png": buf.getvalue()})
+        shards.append({"name": name, "bytes": (root / name).stat().st_size, "samples": min(n, s + per_shard) - s,
+                       "sha256": file_sha256(root / name)})
+    manifest = {"format_version": 1, "dataset": "blobs", "image_size": size, "channels": channels, "labels": {},
+                "splits": {"train": {"samples": n, "shards": shards}}}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root

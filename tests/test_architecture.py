@@ -151,7 +151,7 @@ def test_a_new_method_is_one_module_and_a_registry_entry(tmp_path, monkeypatch):
     from ijepa import methods
     from ijepa.export import load_encoder
     from ijepa.trainer import run_pretraining
-    from test_train_fixtures import make_shards, tiny_config
+    from conftest import make_shards, tiny_config
 
     (tmp_path / "toy_method.py").write_text(textwrap.dedent(TOY_METHOD))
     monkeypatch.syspath_prepend(str(tmp_path))

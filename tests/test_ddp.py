@@ -20,7 +20,7 @@ from ijepa import checkpoint as ckpt
 from ijepa.monitor import LossHistory
 from ijepa.tracking import RecordingTracker
 from ijepa.trainer import NonFiniteLossError, run_pretraining
-from test_train_fixtures import make_shards, tiny_config
+from conftest import make_shards, tiny_config
 
 pytestmark = pytest.mark.slow
 

@@ -19,7 +19,7 @@ from ijepa.masks import make_generator
 from ijepa.models import EncoderConfig, ViTEncoder
 from ijepa.train_config import load_config
 from ijepa.trainer import ResumeMismatchError, run_pretraining
-from test_train_fixtures import make_shards, tiny_config
+from conftest import make_shards, tiny_config
 
 MAE = {"mask_ratio": 0.75, "decoder_dim": 16, "decoder_depth": 1, "decoder_heads": 2}
 ENC = EncoderConfig(img_size=16, patch_size=4, in_chans=3, embed_dim=32, depth=2, num_heads=2)

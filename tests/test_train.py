@@ -23,7 +23,7 @@ from ijepa.train_config import load_config
 from ijepa.trainer import NonFiniteLossError, ResumeMismatchError, Trainer, prepare, run_pretraining
 from ijepa.trainer.optim import apply_schedules, build_optimizer, param_groups
 from ijepa.train_data import Augmenter, MemoryBatches, StreamBatches, crop_params, read_shard_info, resized_crops
-from test_train_fixtures import make_shards, tiny_config
+from conftest import make_shards, tiny_config
 
 
 @pytest.fixture(scope="module")

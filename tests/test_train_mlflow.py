@@ -6,7 +6,7 @@ import pytest
 
 from ijepa.tracking import MlflowTracker, NullTracker, default_tracker, tracker_from_env
 from ijepa.trainer import run_pretraining
-from test_train_fixtures import make_shards, tiny_config
+from conftest import make_shards, tiny_config
 
 mlflow = pytest.importorskip("mlflow")
 pytestmark = pytest.mark.slow

@@ -19,7 +19,7 @@ import torch
 
 from ijepa import checkpoint as ckpt
 from ijepa.monitor import LossHistory
-from test_train_fixtures import make_shards, tiny_config
+from conftest import make_shards, tiny_config
 
 CHILD = r"""
 import json, signal, sys

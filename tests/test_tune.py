@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from test_train_fixtures import TINY_MASKS, TINY_MODEL, tiny_config
+from conftest import TINY_MASKS, TINY_MODEL, tiny_config
 
 optuna = pytest.importorskip("optuna")
 
