@@ -18,6 +18,9 @@ from ijepa.models import EncoderConfig, ViTEncoder
 
 WEIGHTS = "encoder.safetensors"
 CONFIG = "encoder.json"
+# EncoderConfig fields only imported encoders set: left out of encoder.json at their defaults,
+# so our own encoders' files read as before (and by code that predates the fields).
+_OMIT_AT_DEFAULT = {"pos_embed": "sincos", "norm_eps": 1e-5}
 
 
 class EncoderFileError(RuntimeError):
@@ -31,7 +34,8 @@ def save_encoder(encoder: ViTEncoder, out_dir: str | Path, metadata: dict[str, A
     state = {k: v.detach().to("cpu").contiguous() for k, v in encoder.state_dict().items()}
     with atomic.atomic_path(out / WEIGHTS) as tmp:
         save_file(state, str(tmp))
-    info = {"format": "ijepa-encoder/1", "encoder": as_dict(encoder.cfg),
+    enc = {k: v for k, v in as_dict(encoder.cfg).items() if not (k in _OMIT_AT_DEFAULT and _OMIT_AT_DEFAULT[k] == v)}
+    info = {"format": "ijepa-encoder/1", "encoder": enc,
             "sha256": file_sha256(out / WEIGHTS), "metadata": metadata or {}}
     atomic.write_json(out / CONFIG, info)
     return out / WEIGHTS

@@ -7,7 +7,8 @@ the kept tokens go through the transformer blocks.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Sequence
+from functools import partial
+from typing import Literal, Sequence
 
 import torch
 import torch.nn as nn
@@ -31,8 +32,15 @@ class EncoderConfig:
     drop_path: float = 0.0
     norm_mean: tuple[float, ...] = (0.5,)
     norm_std: tuple[float, ...] = (0.5,)
+    # Imported encoders (ijepa.interop) only; the defaults are our own encoders, unchanged:
+    # "sincos": the 2-D sin-cos table is computed from the grid and not saved with the weights;
+    # "stored": the table is part of the weights (the reference code's and timm's tables hold
+    # the sin-cos channels in another order than timm's build_sincos2d_pos_embed, or are learned).
+    pos_embed: Literal["sincos", "stored"] = "sincos"
+    norm_eps: float = 1e-5  # LayerNorm eps of the blocks and the final norm (reference code: 1e-6)
 
     def validate(self) -> None:
+        require(self.norm_eps > 0, f"norm_eps must be positive, got {self.norm_eps}")
         for name in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
             require(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
         require(self.img_size % self.patch_size == 0,
@@ -137,30 +145,34 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def _blocks(dim: int, depth: int, heads: int, mlp_ratio: float, drop_path: float) -> nn.ModuleList:
+def _blocks(dim: int, depth: int, heads: int, mlp_ratio: float, drop_path: float,
+            norm_eps: float = 1e-5) -> nn.ModuleList:
     rates = torch.linspace(0, drop_path, depth).tolist()
+    norm = nn.LayerNorm if norm_eps == 1e-5 else partial(nn.LayerNorm, eps=norm_eps)
     # timm's Attention uses F.scaled_dot_product_attention when available (fused attention).
     return nn.ModuleList(
-        Block(dim, heads, mlp_ratio=mlp_ratio, qkv_bias=True, drop_path=r, norm_layer=nn.LayerNorm)
+        Block(dim, heads, mlp_ratio=mlp_ratio, qkv_bias=True, drop_path=r, norm_layer=norm)
         for r in rates
     )
 
 
 class ViTEncoder(nn.Module):
-    """ViT without class token; fixed sin-cos positions; final LayerNorm."""
+    """ViT without class token; fixed sin-cos positions (or a stored table); final LayerNorm."""
 
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
         self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim)
-        self.register_buffer("pos_embed", _sincos(cfg.grid, cfg.embed_dim).unsqueeze(0), persistent=False)
+        # persistent (in the state dict, loaded with the weights) only for cfg.pos_embed == "stored"
+        self.register_buffer("pos_embed", _sincos(cfg.grid, cfg.embed_dim).unsqueeze(0),
+                             persistent=cfg.pos_embed == "stored")
         mean = torch.tensor(cfg.norm_mean, dtype=torch.float32).view(1, -1, 1, 1)
         std = torch.tensor(cfg.norm_std, dtype=torch.float32).view(1, -1, 1, 1)
         self.register_buffer("norm_mean", mean, persistent=False)
         self.register_buffer("norm_std", std, persistent=False)
-        self.blocks = _blocks(cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_ratio, cfg.drop_path)
-        self.norm = nn.LayerNorm(cfg.embed_dim)
+        self.blocks = _blocks(cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_ratio, cfg.drop_path, cfg.norm_eps)
+        self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
         self.apply(_init_weights)
         self._rescale_blocks()
 
