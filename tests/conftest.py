@@ -108,3 +108,35 @@ def make_shards(root: Path, n: int = 64, size: int = 16, channels: int = 1, per_
                 "splits": {"train": {"samples": n, "shards": shards}}}
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root
+
+
+# ----------------------------------------------------------------------------- grey labelled shards
+def fake_fashion_mnist(root: Path, n_train: int = 60, n_test: int = 20, size: int = 28, seed: int = 0) -> Path:
+    """The four Fashion-MNIST idx files (gzip) with `n_train` / `n_test` grey `size`-px images of 10
+    classes (class c: a bright band at a class-dependent row, on noise), for the fashion_mnist source."""
+    import gzip
+    import struct
+
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        labels = np.arange(n, dtype=np.uint8) % 10
+        images = rng.integers(0, 60, (n, size, size), dtype=np.uint8)
+        for i, c in enumerate(labels):
+            row = int(c) * (size - 3) // 9
+            images[i, row:row + 3] = 220
+        with gzip.open(root / f"{split}-images-idx3-ubyte.gz", "wb") as fh:
+            fh.write(struct.pack(">HBBIII", 0, 0x08, 3, n, size, size) + images.tobytes())
+        with gzip.open(root / f"{split}-labels-idx1-ubyte.gz", "wb") as fh:
+            fh.write(struct.pack(">HBBI", 0, 0x08, 1, n) + labels.tobytes())
+    return root
+
+
+def grey_shards(out: Path, idx_root: Path, val_size: int = 20) -> Path:
+    """Fashion-MNIST-format shards (grey 28 px, train/val/test, label cls) of `fake_fashion_mnist` files."""
+    from ijepa.data import shard_dataset
+
+    shard_dataset({"source": "fashion_mnist", "image_size": 28,
+                   "fashion_mnist": {"root": str(idx_root), "val_size": val_size}}, out, progress=False)
+    return out

@@ -257,15 +257,61 @@ def test_label_problems_surface_before_feature_extraction(tmp_path, monkeypatch)
 def test_mismatched_encoder_and_shards_name_both_values(tmp_path):
     shards = _imagefolder_shards(tmp_path)
     big = _encoder(tmp_path / "big", tiny_encoder_config(in_chans=3, embed_dim=16, depth=1))
-    with pytest.raises(ProbeError, match=r"16x16.*8x8") as err:
-        run_probes(FAST, big, shards, tmp_path / "cache", progress=False)
+    with pytest.raises(ProbeError, match=r"16x16.*8x8") as err:  # with the adaptation turned off
+        run_probes(dict(FAST, adapt_inputs=False), big, shards, tmp_path / "cache", progress=False)
     assert "patch grid 4x4" in str(err.value) and "patch grid 2x2" in str(err.value)
     assert str(tmp_path / "big") in str(err.value) and str(shards) in str(err.value)
-    grey = _encoder(tmp_path / "grey", TINY)
-    with pytest.raises(ProbeError, match=r"channels 1 vs shard channels 3"):
+    grey = _encoder(tmp_path / "grey", TINY)  # RGB into a grey encoder: never adapted
+    with pytest.raises(ProbeError, match=r"channels 1 vs shard channels 3 \(only grey shards are adapted"):
         run_probes(FAST, grey, shards, tmp_path / "cache", progress=False)
     with pytest.raises(ProbeError, match=r"n_last=4 but .* depth 1"):
         run_probes(dict(FAST, n_last=4), _encoder(tmp_path / "enc"), shards, tmp_path / "cache", progress=False)
+
+
+def test_encoder_of_another_size_and_channels_gets_adapted_images(tmp_path, monkeypatch):
+    """An RGB encoder at 16 px probed on 28-px grey shards: resized and replicated, recorded."""
+    from conftest import fake_fashion_mnist, grey_shards
+
+    shards = grey_shards(tmp_path / "shards", fake_fashion_mnist(tmp_path / "idx"))
+    enc = _encoder(tmp_path / "enc", tiny_encoder_config(in_chans=3, embed_dim=16, depth=1))
+    seen: list[tuple] = []
+    real = ViTEncoder.features
+
+    def spy(self, images, n_last=1):
+        seen.append(tuple(images.shape[1:]))
+        return real(self, images, n_last=n_last)
+
+    monkeypatch.setattr(ViTEncoder, "features", spy)
+    cfg = dict(FAST, probes=["linear"], baselines=["random_init", "pixels"])
+    metrics, extras = run_probes(cfg, enc, shards, tmp_path / "cache", progress=False)
+    assert metrics["input_adaptation"] == {"from": [1, 28, 28], "to": [3, 16, 16], "replicate_channels": True,
+                                           "resize": "bicubic, antialias, clamped to [0, 1]"}
+    assert set(seen) == {(3, 16, 16)}  # both encoders (I-JEPA and random init) see adapted images
+    assert extras["feature_dims"] == {"ijepa": 16, "random_init": 16, "pixels": 28 * 28}  # pixels: as sharded
+    with pytest.raises(ProbeError, match=r"16x16.*28x28"):
+        run_probes(dict(cfg, adapt_inputs=False), enc, shards, tmp_path / "cache", progress=False)
+    # the adapted features are cached apart from unadapted ones of the same encoder
+    assert all(";input" in m["data_fingerprint"] for m in _cache_metadata(tmp_path / "cache"))
+
+
+def _cache_metadata(cache: Path) -> list[dict]:
+    from safetensors import safe_open
+
+    out = []
+    for f in cache.rglob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as fh:
+            out.append(fh.metadata())
+    return out
+
+
+def test_adapted_encoder_resizes_and_replicates_only_what_differs():
+    enc = ViTEncoder(tiny_encoder_config(in_chans=3, img_size=16, embed_dim=16, depth=1)).eval()
+    x = torch.rand(2, 3, 16, 16)
+    same = feats_mod.AdaptedEncoder(enc, 16, 3)
+    assert torch.equal(same.adapt(x), x) and torch.equal(same.features(x), enc.features(x))
+    grey = torch.rand(2, 1, 8, 8)
+    out = feats_mod.AdaptedEncoder(enc, 16, 3).adapt(grey)
+    assert out.shape == (2, 3, 16, 16) and torch.equal(out[:, 0], out[:, 2]) and 0 <= out.min() <= out.max() <= 1
 
 
 def test_missing_or_corrupted_encoder_are_clear_errors(tmp_path):

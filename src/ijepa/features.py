@@ -12,6 +12,11 @@ baseline. A cached file is reused only when its metadata matches the request, in
 the fingerprint of the shards (sha256 of their manifest.json), so re-generated shards or a
 changed encoder are recomputed; an unreadable cache file is recomputed too.
 
+`AdaptedEncoder` puts an encoder behind an input adaptation (resize to its image size,
+replicate grey to its channels), batch by batch, for an encoder made for other images (an
+imported ViT at 224 px probed on 28-px grey Fashion-MNIST); the probes use it only when the
+shapes differ, and fold the adaptation into the cache's data fingerprint.
+
 Raw-pixel features (`pixel_features`) are cheap and not cached: images scaled to [0, 1],
 flattened; when C*H*W exceeds `max_dim` the image is average-pooled by the smallest
 integer factor f that brings C*ceil(H/f)*ceil(W/f) to at most `max_dim` (adaptive pooling
@@ -36,7 +41,7 @@ from ijepa.atomic import atomic_path
 from ijepa.precision import adapt_for_precision, autocast_for, resolve_precision
 
 __all__ = ["cache_path", "cached_features", "extract_features", "encoder_features", "pixel_features",
-           "state_sha256"]
+           "state_sha256", "AdaptedEncoder"]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +81,29 @@ def extract_features(encoder: torch.nn.Module, images: torch.Tensor, n_last: int
     if not out:
         raise ValueError("extract_features got no images")
     return torch.cat(out)
+
+
+class AdaptedEncoder(torch.nn.Module):
+    """`encoder.features` on images resized to `size` x `size` (bicubic, antialiased, clamped
+    to [0, 1]) and with a grey channel replicated to `channels`; None leaves that as it is."""
+
+    RESIZE = "bicubic, antialias, clamped to [0, 1]"
+
+    def __init__(self, encoder: torch.nn.Module, size: int | None = None, channels: int | None = None):
+        super().__init__()
+        self.encoder, self.size, self.channels = encoder, size, channels
+
+    def adapt(self, images: torch.Tensor) -> torch.Tensor:
+        x = images
+        if self.size is not None and tuple(x.shape[-2:]) != (self.size, self.size):
+            x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False,
+                              antialias=True).clamp_(0.0, 1.0)
+        if self.channels is not None and x.shape[1] != self.channels:
+            x = x.expand(-1, self.channels, -1, -1)
+        return x
+
+    def features(self, images: torch.Tensor, n_last: int = 1) -> torch.Tensor:
+        return self.encoder.features(self.adapt(images), n_last=n_last)
 
 
 def _read_cache(path: Path, expect: dict[str, str]) -> torch.Tensor | None:

@@ -76,6 +76,7 @@ class ProbeConfig:
     pixel_max_dim: int = 4096            # raw-pixel baseline average-pooled to at most this many dims
     feature_batch_size: int = 256
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # feature extraction; auto: bf16 where native (ijepa.precision)
+    adapt_inputs: bool = True            # resize / replicate grey shard images to the encoder's input; false: refuse
     seed: int = 0                        # random-init baseline weights, low-shot subsets, Adam batch order
     train_split: str = "train"
     val_split: str = "val"
@@ -147,29 +148,34 @@ def _shape_from_manifest(manifest: Mapping[str, Any]) -> tuple[int | None, int |
     size = manifest.get("image_size")
 
     def num(*values: Any) -> int | None:
-        for v in values:
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                return int(v)
-        return None
+        return next((int(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)), None)
 
     return (num(image.get("channels"), manifest.get("channels")),
             num(image.get("height"), size), num(image.get("width"), size))
 
 
 def check_encoder_matches_shards(enc: EncoderConfig, shape: tuple[int | None, int | None, int | None],
-                                 encoder_path: Any, shard_dir: Any) -> None:
-    """Raise ProbeError naming both values when the encoder cannot read the shard images."""
+                                 encoder_path: Any, shard_dir: Any, adapt: bool = False) -> dict[str, Any] | None:
+    """None when the encoder reads the shard images as they are; else, with `adapt`, how they are made
+    to fit: {"from": [c, h, w], "to": [C, S, S], "resize": how or None, "replicate_channels": bool}.
+    ProbeError naming both values for what cannot fit (size without `adapt`; channels but grey -> C)."""
     c, h, w = shape
-    g = enc.img_size // enc.patch_size
+    resize = h is not None and w is not None and (h, w) != (enc.img_size, enc.img_size)
+    replicate = c is not None and c != enc.in_chans
     problems = []
-    if h is not None and w is not None and (h, w) != (enc.img_size, enc.img_size):
-        grid = f"{h / enc.patch_size:g}x{w / enc.patch_size:g}"
+    if resize and not adapt:
+        grid, g = f"{h / enc.patch_size:g}x{w / enc.patch_size:g}", enc.img_size // enc.patch_size
         problems.append(f"image size {enc.img_size}x{enc.img_size} (patch grid {g}x{g} of {enc.patch_size}px "
                         f"patches) vs shard image size {h}x{w} (patch grid {grid})")
-    if c is not None and c != enc.in_chans:
-        problems.append(f"channels {enc.in_chans} vs shard channels {c}")
+    if replicate and not (adapt and c == 1):
+        problems.append(f"channels {enc.in_chans} vs shard channels {c}"
+                        + (" (only grey shards are adapted, by replicating the channel)" if adapt else ""))
     if problems:
         raise ProbeError(f"encoder {encoder_path} does not fit the shards in {shard_dir}: " + "; ".join(problems))
+    if not (resize or replicate):
+        return None
+    return {"from": [c, h, w], "to": [enc.in_chans, enc.img_size, enc.img_size],
+            "resize": feats_mod.AdaptedEncoder.RESIZE if resize else None, "replicate_channels": replicate}
 
 
 @dataclass
@@ -257,16 +263,17 @@ def run_probes(cfg: ProbeConfig | Mapping[str, Any] | None, encoder_path: str | 
                     "lowshot": {"ijepa": mean, "ijepa_std": std, <baseline>, <baseline>_std, ...,
                                 "n_labels": int, "seeds": int},
                     "count": {...as linear}, "depth": {...as linear}},
-         "skipped": {"count": "dataset has no count labels", ...}}
+         "skipped": {"count": "dataset has no count labels", ...},
+         "input_adaptation": {...}}   # only when the shard images were adapted (check_encoder_matches_shards)
 
-    `extras`: {"confusion": [[int]] (ijepa linear probe on test, row = true class, column =
-    predicted), "class_names": [str], "details": per probe and model the chosen weight
-    decay and val top-1 per decay (low-shot: per seed), "feature_dims": {model: D},
-    "seconds": {stage: s}}; confusion/class_names are None when the linear probe did not run.
+    `extras`: {"confusion": [[int]] (ijepa linear probe on test, row = true class), "class_names":
+    [str], "details": per probe and model the chosen weight decay and val top-1 per decay (low-shot:
+    per seed), "feature_dims": {model: D}, "seconds": {stage: s}}; confusion/class_names are None
+    when the linear probe did not run.
 
     Raises ConfigError (bad cfg), EncoderFileError (missing/corrupt encoder, names the path),
-    ijepa.data.reader.ShardError (no/unreadable manifest, names the file), ProbeError
-    (encoder/shard shape mismatch naming both values, n_last > depth, missing or empty split).
+    ijepa.data.reader.ShardError (no/unreadable manifest, names the file), ProbeError (encoder and
+    shards that cannot fit, naming both values; n_last > depth; missing or empty split).
     """
     cfg = from_mapping(ProbeConfig, cfg, "probe")
     shard_dir = Path(shard_dir)
@@ -283,7 +290,7 @@ def run_probes(cfg: ProbeConfig | Mapping[str, Any] | None, encoder_path: str | 
     from ijepa.data.reader import load_manifest
 
     manifest = load_manifest(shard_dir)  # ShardError / ManifestMissingError naming the file
-    check_encoder_matches_shards(enc_cfg, _shape_from_manifest(manifest), encoder_path, shard_dir)
+    check_encoder_matches_shards(enc_cfg, _shape_from_manifest(manifest), encoder_path, shard_dir, cfg.adapt_inputs)
     if cfg.n_last > enc_cfg.depth:
         raise ProbeError(f"n_last={cfg.n_last} but encoder {encoder_path} has only depth {enc_cfg.depth}")
     _check_splits(manifest, shard_dir, cfg)
@@ -293,11 +300,13 @@ def run_probes(cfg: ProbeConfig | Mapping[str, Any] | None, encoder_path: str | 
     splits = _load_shards(shard_dir, cfg)
     fingerprint = file_sha256(shard_dir / "manifest.json")
     for name, split in splits.items():  # the decoded images are authoritative
-        c, h, w = split.images.shape[1:]
-        check_encoder_matches_shards(enc_cfg, (c, h, w), encoder_path, f"{shard_dir} (split {name})")
+        adapt = check_encoder_matches_shards(enc_cfg, tuple(split.images.shape[1:]), encoder_path,
+                                             f"{shard_dir} (split {name})", cfg.adapt_inputs)
+    if adapt:  # the encoders (not the raw pixels) see resized / replicated images; cached apart
+        fingerprint += f";input {adapt['from']}->{adapt['to']} {adapt['resize']}"
+    wrap = (lambda m: feats_mod.AdaptedEncoder(m, enc_cfg.img_size, enc_cfg.in_chans)) if adapt else (lambda m: m)
     seconds["load"] = time.perf_counter() - t_start
     order = (cfg.train_split, cfg.val_split, cfg.test_split)
-
     tr, va, te = order
 
     # Plan every probe -- labels present and valid, low-shot subsets drawn -- before any features.
@@ -322,10 +331,10 @@ def run_probes(cfg: ProbeConfig | Mapping[str, Any] | None, encoder_path: str | 
 
     # Features per model and split (none when every probe was skipped).
     t0 = time.perf_counter()
-    models: dict[str, tuple[torch.nn.Module | None, str | None]] = {"ijepa": (encoder, sha)}
+    models: dict[str, tuple[torch.nn.Module | None, str | None]] = {"ijepa": (wrap(encoder), sha)}
     if "random_init" in cfg.baselines:
         rnd = _random_encoder(enc_cfg, cfg.seed)
-        models["random_init"] = (rnd, "random_init-" + feats_mod.state_sha256(rnd))
+        models["random_init"] = (wrap(rnd), "random_init-" + feats_mod.state_sha256(rnd))
     if "pixels" in cfg.baselines:
         models["pixels"] = (None, None)
     features: dict[str, dict[str, torch.Tensor]] = {}
@@ -382,7 +391,8 @@ def run_probes(cfg: ProbeConfig | Mapping[str, Any] | None, encoder_path: str | 
         log.info("probe %s: %s", probe, row)
 
     seconds["total"] = time.perf_counter() - t_start
-    metrics = {"encoder_sha256": sha, "probes": probes, "skipped": skipped}
+    metrics = {"encoder_sha256": sha, "probes": probes, "skipped": skipped,
+               **({"input_adaptation": adapt} if adapt else {})}
     extras = {"confusion": confusion, "class_names": class_names, "details": details,
               "feature_dims": {m: int(f[tr].shape[1]) for m, f in features.items()},
               "config": as_dict(cfg), "seconds": {k: round(v, 3) for k, v in seconds.items()}}
