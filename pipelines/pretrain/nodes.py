@@ -39,6 +39,9 @@ def pretrain(plan: TrainPlan, model_dir: Path, reporting_dir: Path) -> tuple[dic
     encoder_dir = Path(summary["encoder_dir"])
     sha = file_sha256(encoder_dir / "encoder.safetensors")
     mlflow.set_tags({"input.manifest_sha256": summary["manifest_sha256"], "output.encoder_sha256": sha})
+    # The exported encoder as a run artifact (README: load it with one line from the UI's run id):
+    # ijepa.load_encoder(mlflow.artifacts.download_artifacts(run_id=RUN_ID, artifact_path="encoder"))
+    mlflow.log_artifacts(str(encoder_dir), artifact_path="encoder")
     keep = ("steps", "epochs", "final_loss", "img_per_s", "collapse_warnings", "resumed_from_step",
             "world_size", "global_batch", "precision", "device", "encoder_params", "predictor_params",
             "manifest_sha256")

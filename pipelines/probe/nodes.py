@@ -6,6 +6,7 @@ from typing import Any
 
 import mlflow
 
+from ijepa.export import read_encoder_info
 from ijepa.probes import run_probes
 from ijepa.viz.probes import plot_confusion, plot_probe_bars
 from ijepa.params import probe_mapping
@@ -14,12 +15,14 @@ from ijepa.params import probe_mapping
 def probe(params: dict[str, Any], dataset: str, encoder: Path, shards: Path, cache: Path
           ) -> tuple[dict, dict, list, dict, Any, Any]:
     cfg = probe_mapping({"probe": params}, dataset)
-    # A user may point the probes at any exported encoder instead of this dataset's own.
+    # A user may point the probes at any exported encoder instead of this dataset's own
+    # (e.g. one written by `ijepa import`), and extract its features on a GPU.
     encoder_path = Path(params.get("encoder_path") or encoder)
-    metrics, extras = run_probes(cfg, encoder_path, shards, cache)
+    metrics, extras = run_probes(cfg, encoder_path, shards, cache, device=_device(params.get("device")))
     metrics["probes"] = {name: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
                          for name, row in metrics["probes"].items()}
-    mlflow.set_tags({"input.encoder_sha256": metrics["encoder_sha256"], "input.encoder_path": str(encoder_path)})
+    mlflow.set_tags({"input.encoder_sha256": metrics["encoder_sha256"], "input.encoder_path": str(encoder_path),
+                     **_source_tags(encoder_path, metrics.get("input_adaptation"))})
     table, flat = [], {}
     for name, row in metrics["probes"].items():
         for model, value in row.items():
@@ -42,3 +45,24 @@ def probe(params: dict[str, Any], dataset: str, encoder: Path, shards: Path, cac
         ax.axis("off")
         ax.text(0.5, 0.5, "linear probe skipped", ha="center")
     return metrics, extras, table, flat, bars, confusion
+
+
+def _device(name: str | None) -> str:
+    """probe.device: cpu (default), cuda, or auto (cuda when available)."""
+    if name == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name or "cpu"
+
+
+def _source_tags(encoder_path: Path, adaptation: dict | None) -> dict[str, str]:
+    """Where an imported encoder came from (encoder.json's metadata.source: format, file sha256,
+    which encoder of a reference checkpoint) and how the shard images were adapted to it."""
+    source = (read_encoder_info(encoder_path).get("metadata") or {}).get("source")
+    tags = {f"input.encoder_source.{k}": str(v) for k, v in (source or {}).items()
+            if k in ("format", "sha256", "which", "file", "epoch")} if isinstance(source, dict) else {}
+    if adaptation:
+        tags["input.adaptation"] = (f"{adaptation['from']} -> {adaptation['to']}, resize: {adaptation['resize']}, "
+                                    f"replicate channels: {adaptation['replicate_channels']}")
+    return tags

@@ -73,8 +73,8 @@ def pretrain_mapping(params: Mapping[str, Any], dataset: str,
 
 def probe_mapping(params: Mapping[str, Any], dataset: str,
                   overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """`params` holds the section ``probe``; its ``encoder_path`` is not a probe setting."""
-    section = {k: v for k, v in (params.get("probe") or {}).items() if k != "encoder_path"}
+    """`params` holds the section ``probe``; its ``encoder_path`` and ``device`` are not probe settings."""
+    section = {k: v for k, v in (params.get("probe") or {}).items() if k not in ("encoder_path", "device")}
     return deep_merge(for_dataset(section, dataset, "probe"), dict(overrides or {}))
 
 
