@@ -140,3 +140,21 @@ def grey_shards(out: Path, idx_root: Path, val_size: int = 20) -> Path:
     shard_dataset({"source": "fashion_mnist", "image_size": 28,
                    "fashion_mnist": {"root": str(idx_root), "val_size": val_size}}, out, progress=False)
     return out
+
+
+# ----------------------------------------------------------------------------- real services
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One throw-away PostgreSQL cluster on 127.0.0.1 for the session (tests/services.py); each
+    test makes its own database with `services.create_database`. Skipped only when the server
+    binaries are not installed (.ci/install_postgres.sh installs them)."""
+    from services import postgres_cluster, postgres_missing
+
+    reason = postgres_missing()
+    if reason:
+        pytest.skip(reason)
+    with postgres_cluster() as pg:
+        yield pg

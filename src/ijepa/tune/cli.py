@@ -38,7 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--index", type=int, default=0)
     w.add_argument("--dataset")
     w.add_argument("--storage")
-    w.add_argument("--n-trials", type=int)
+    w.add_argument("--n-trials", type=int, help="trials this worker runs")
+    w.add_argument("--study-trials", type=int, help="instead: run trials until the study holds this many done "
+                   "trials, a budget shared by every worker started so (exact; a dead worker's trial is re-run)")
     w.add_argument("--shards", help="shard folder (default data/02_shards/<dataset>)")
     w.add_argument("--work-dir", help="trial outputs (default data/07_tune/<dataset>)")
     w.add_argument("--conf", nargs="*", default=conf)
@@ -66,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     if args.cmd == "worker" and args.spec:
-        run_worker_spec(args.spec, args.index, args.n_trials)
+        run_worker_spec(args.spec, args.index, args.n_trials, args.study_trials)
         return 0
 
     params = read_parameters(args.conf)
@@ -104,5 +106,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     read_shard_info(shards, verify=True)  # once for this worker: its trials do not verify again
     run_worker(cfg, pre, probe, shards,
                args.work_dir or f"data/07_tune/{args.dataset}", args.n_trials if args.n_trials is not None else cfg.n_trials,
-               tracking, parent, args.index)
+               tracking, parent, args.index, target=args.study_trials)
     return 0

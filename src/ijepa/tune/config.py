@@ -92,6 +92,11 @@ class TuneConfig:
     enqueue_base: bool = True        # a new study's first trial = the base masks (when inside the space)
     mlflow: bool = True
     experiment: str | None = None    # when no parent run is given/active: null = the dataset
+    # Optuna heartbeats: a RUNNING trial whose worker stopped beating (killed, machine lost) for
+    # grace_period seconds is marked FAIL by the next worker and re-queued (stale_retries times).
+    heartbeat_interval: int = 60
+    grace_period: int = 300
+    stale_retries: int = 2
     trial: TrialSettings = field(default_factory=TrialSettings)
     space: SearchSpace = field(default_factory=SearchSpace)
 
@@ -107,6 +112,11 @@ class TuneConfig:
         for name in ("max_train", "max_val"):
             v = getattr(self, name)
             require(v is None or v >= 1, f"{name} must be >= 1 or null, got {v}")
+        require(self.heartbeat_interval >= 1, f"heartbeat_interval must be >= 1 (seconds), got {self.heartbeat_interval}")
+        # a live worker beats every heartbeat_interval s: a shorter grace would fail its trial
+        require(self.grace_period > self.heartbeat_interval,
+                f"grace_period must be > heartbeat_interval={self.heartbeat_interval} (seconds), got {self.grace_period}")
+        require(self.stale_retries >= 0, f"stale_retries must be >= 0, got {self.stale_retries}")
 
     @property
     def name(self) -> str:

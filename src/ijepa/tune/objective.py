@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import shutil
+import socket
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -80,6 +82,7 @@ class Objective:
         params = suggest(trial, self.cfg.space)
         masks = masks_from_params(params)
         trial.set_user_attr("masks", masks)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # who ran it (several machines)
         out = self.work_dir / self.cfg.name / f"trial-{trial.number:05d}"
         run = (start_trial_run(self.tracking_uri, self.parent_run_id, trial.number, self.cfg.name, params)
                if self.parent_run_id else None)

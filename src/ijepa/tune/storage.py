@@ -9,7 +9,7 @@ from typing import Any
 
 from .config import TuneConfig
 
-__all__ = ["redact", "storage_for", "pruner_for", "open_study"]
+__all__ = ["redact", "storage_for", "config_storage", "pruner_for", "open_study"]
 
 
 def redact(url: str) -> str:
@@ -21,9 +21,14 @@ def redact(url: str) -> str:
         return url
 
 
-def storage_for(url: str):
+def storage_for(url: str, heartbeat_interval: int = 60, grace_period: int = 300, stale_retries: int | None = 2):
     """An Optuna RDBStorage with heartbeats; sqlite files get their folder and a long lock
-    timeout (several processes write to one file), other URLs are used as given."""
+    timeout (several processes write to one file), other URLs are used as given.
+
+    Heartbeats: every running trial's worker beats each `heartbeat_interval` s; a trial
+    without a beat for `grace_period` s (its worker was killed, its machine lost) is marked
+    FAIL by the next worker that starts a trial, and Optuna's RetryHeartbeatStaleTrialCallback
+    queues the same point again (up to `stale_retries` times; 0: never)."""
     import optuna
 
     engine_kwargs: dict[str, Any] = {}
@@ -34,12 +39,17 @@ def storage_for(url: str):
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         # isolation_level None: pysqlite leaves transactions to us (see _serialize_sqlite_writes)
         engine_kwargs = {"connect_args": {"timeout": 300, "isolation_level": None}}
-    # Heartbeats: a trial whose worker died (killed, machine lost) is marked FAIL by the next
-    # worker that starts a trial, instead of staying RUNNING forever.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs or None, heartbeat_interval=60,
-                                             grace_period=300)
+        retry = (optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=stale_retries)
+                 if stale_retries != 0 else None)
+        try:
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs or None,
+                                                 heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                                                 heartbeat_stale_trial_callback=retry)
+        except ImportError as err:  # e.g. postgresql:// without psycopg2
+            raise ImportError(f"Optuna storage {redact(url)}: the database driver is missing ({err.__cause__ or err}); "
+                              f"for PostgreSQL: pip install psycopg2-binary") from err
     if sqlite:
         _serialize_sqlite_writes(storage.engine)
     return storage
@@ -61,6 +71,11 @@ def _serialize_sqlite_writes(engine) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+def config_storage(cfg: TuneConfig):
+    """`storage_for` with the heartbeat settings of `cfg`."""
+    return storage_for(cfg.storage, cfg.heartbeat_interval, cfg.grace_period, cfg.stale_retries)
+
+
 def pruner_for(cfg: TuneConfig):
     """The pruner of `cfg.pruner`; its resource is the training step of a checkpoint."""
     import optuna
@@ -74,12 +89,13 @@ def pruner_for(cfg: TuneConfig):
     return optuna.pruners.NopPruner()
 
 
-def open_study(cfg: TuneConfig, seed_offset: int = 0):
-    """Create or load (`load_if_exists`) the study; the sampler's seed also depends on how
-    many trials the study already has, so a continued study does not repeat its points."""
+def open_study(cfg: TuneConfig, seed_offset: int = 0, storage=None):
+    """Create or load (`load_if_exists`) the study (on `storage`, default `config_storage(cfg)`);
+    the sampler's seed also depends on how many trials the study already has, so a continued
+    study does not repeat its points."""
     import optuna
 
-    storage = storage_for(cfg.storage)
+    storage = storage if storage is not None else config_storage(cfg)
     existing = 0
     with contextlib.suppress(KeyError):
         existing = len(optuna.load_study(study_name=cfg.name, storage=storage).trials)

@@ -13,6 +13,7 @@ from ijepa import atomic
 from ijepa.config import ConfigError
 from ijepa.tracking import MlflowTracker, active_run_id, create_run, end_run, resolve_tracking_uri
 
+from .budget import budget_state
 from .config import TuneConfig, load_tune_config
 from .space import base_point, masks_from_params, space_centre, trial_pretrain_params
 from .storage import open_study, redact, storage_for
@@ -79,8 +80,13 @@ def run_study(tune_cfg: TuneConfig | Mapping[str, Any], base_pretrain: Mapping[s
         if cfg.workers == 1:
             run_worker(cfg, base_pretrain, probe, shard_dir, work_dir, cfg.n_trials, tracking_uri, parent_run_id)
         else:
-            spec = worker_spec(cfg, base_pretrain, probe, shard_dir, work_dir, tracking_uri, parent_run_id, threads)
-            spawn_workers(spec, split_trials(cfg.n_trials, cfg.workers), work_dir)
+            # one study-wide budget (exact, survives a dead worker) unless the study runs until a timeout
+            target = None if cfg.n_trials is None else budget_state(study.trials).done + cfg.n_trials
+            spec = worker_spec(cfg, base_pretrain, probe, shard_dir, work_dir, tracking_uri, parent_run_id, threads,
+                               target)
+            counts = split_trials(cfg.n_trials, cfg.workers) if target is None else [None] * cfg.workers
+            spawn_workers(spec, counts, work_dir, reached=None if target is None else lambda: budget_state(
+                optuna.load_study(study_name=cfg.name, storage=storage_for(cfg.storage)).trials).done >= target)
         study = optuna.load_study(study_name=cfg.name, storage=storage_for(cfg.storage))
         summary = study_summary(study, cfg)
         summary.update(trials_added=len(study.trials) - before, seconds=round(time.perf_counter() - t0, 1),
