@@ -155,7 +155,7 @@ class MlflowServer:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.stop()
+        self.stop(crash=True)  # a throw-away server: no graceful wait for idle keep-alive clients
 
 
 def wait_until(cond, timeout: float, what: str, interval: float = 0.1):

@@ -123,12 +123,13 @@ class MlflowTracker:
             env[ENV_URI] = str(self.tracking_uri)
         return env
 
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+    def log_metrics(self, metrics: Mapping[str, float], step: int, timestamp_ms: int | None = None) -> None:
         import time
 
         from mlflow.entities import Metric
 
-        ts = int(time.time() * 1000)
+        # a buffered point keeps the time it was logged, not the time it was sent
+        ts = int(time.time() * 1000) if timestamp_ms is None else int(timestamp_ms)
         batch = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items()
                  if v is not None and math.isfinite(float(v))]
         if batch:

@@ -26,6 +26,7 @@ from ijepa.config import ConfigError
 from ijepa.distributed import DistInfo, pick_device
 from ijepa.monitor import LossHistory
 from ijepa.tracking import MlflowTracker, Tracker
+from ijepa.tracking_buffer import buffered
 from ijepa.train_config import PretrainConfig
 from ijepa.trainer.loop import SUMMARY, CheckpointCallback, NonFiniteLossError, Trainer
 from ijepa.trainer.plan import TrainPlan, prepare
@@ -42,7 +43,8 @@ def train_worker(plan: TrainPlan, out_dir: str | Path, tracker: Tracker | None =
                  on_checkpoint: CheckpointCallback | None = None) -> dict[str, Any]:
     """The body of one process: trains, checkpoints and exports (rank 0)."""
     dist_info = dist_info or DistInfo(device=pick_device(0, plan.cfg.device))
-    with process_settings(plan.cfg, dist_info):
+    # MLflow through a buffer: an unreachable tracking server never stops or slows training
+    with process_settings(plan.cfg, dist_info), buffered(tracker, out_dir) as tracker:
         return Trainer(plan, out_dir, tracker, loss_csv, dist_info, on_checkpoint=on_checkpoint).run()
 
 
