@@ -56,7 +56,7 @@ def test_failed_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(ckpt.torch, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(ckpt.CheckpointWriteError, match="disk full"):  # names the file and the last good one
         ckpt.save_checkpoint({"step": 8, "w": torch.zeros(3)}, tmp_path, step=8, keep_last=1)
     monkeypatch.setattr(ckpt.torch, "save", real_save)
     assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [4]  # not pruned, no partial file

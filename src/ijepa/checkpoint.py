@@ -14,6 +14,7 @@ RNG states (torch CPU and CUDA, numpy, python `random`) are captured as tensors 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import random
@@ -27,7 +28,7 @@ import torch
 from ijepa.atomic import atomic_path
 
 __all__ = [
-    "CHECKPOINT_SUBDIR", "CheckpointError", "checkpoint_path", "list_checkpoints", "latest_checkpoint",
+    "CHECKPOINT_SUBDIR", "CheckpointError", "CheckpointWriteError", "checkpoint_path", "list_checkpoints", "latest_checkpoint",
     "save_checkpoint", "load_checkpoint", "load_latest", "clean_stale_temps", "rng_state",
     "set_rng_state", "check_plain",
 ]
@@ -41,6 +42,10 @@ FORMAT = "ijepa-pretrain-checkpoint/1"
 
 class CheckpointError(RuntimeError):
     """A checkpoint is unreadable, of an unknown format, or holds a non-plain object."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (disk full, read-only, ...); the older ones are intact."""
 
 
 def checkpoint_path(ckpt_dir: str | os.PathLike, step: int) -> Path:
@@ -111,8 +116,20 @@ def save_checkpoint(state: dict[str, Any], ckpt_dir: str | os.PathLike, step: in
     d = Path(ckpt_dir)
     d.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(d, step)
-    with atomic_path(final) as tmp:
-        torch.save({"format": FORMAT, **state}, tmp)
+    try:
+        with atomic_path(final) as tmp:
+            torch.save({"format": FORMAT, **state}, tmp)
+    except (OSError, RuntimeError) as err:  # torch.save wraps some write errors in RuntimeError
+        if isinstance(err, CheckpointError):
+            raise
+        last = latest_checkpoint(d)
+        why = os.strerror(err.errno) if getattr(err, "errno", None) else f"{type(err).__name__}: {err}"
+        hint = " (the disk is full: free space there or point the run at another folder)" if getattr(
+            err, "errno", None) == errno.ENOSPC else ""
+        raise CheckpointWriteError(
+            f"cannot write checkpoint {final} (step {step}): {why}{hint}. The run stopped here; nothing was "
+            f"overwritten, the last good checkpoint is {last if last else 'none'}"
+            f"{' and the next run on this folder resumes from it' if last else ''}.") from err
     _fsync_dir(d)
     if keep_last is not None and keep_last > 0:
         for _, old in list_checkpoints(d)[:-keep_last]:

@@ -76,6 +76,7 @@ def run_pretraining(cfg: PretrainConfig | Mapping[str, Any], shard_dir: str | Pa
 _ERRORS: dict[str, type[BaseException]] = {
     "NonFiniteLossError": NonFiniteLossError, "ResumeMismatchError": ResumeMismatchError,
     "ConfigError": ConfigError, "CheckpointError": ckpt.CheckpointError,
+    "CheckpointWriteError": ckpt.CheckpointWriteError,
 }
 
 

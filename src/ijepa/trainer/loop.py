@@ -18,6 +18,7 @@ with deterministic settings on CPU it reproduces an uninterrupted run bit for bi
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
@@ -382,9 +383,10 @@ class Trainer:
         try:
             if self.step < self.total_steps:
                 self.train_loop()
-        except NonFiniteLossError as err:
+        except (NonFiniteLossError, ckpt.CheckpointWriteError) as err:
             if self.dist.is_main:
-                self.history.write_csv(self.loss_csv)
+                with contextlib.suppress(OSError):  # on a full disk this may fail too; the error says why
+                    self.history.write_csv(self.loss_csv)
                 self.tracker.set_tag("pretrain_status", f"failed: {err}"[:5000])
             raise
         return self.finish()
