@@ -83,7 +83,7 @@ def postgres_cluster(attempts: int = 3) -> Iterator[dict]:
             return f"postgresql+psycopg2://{PG_USER}:{PG_PASSWORD}@127.0.0.1:{port}/{db}"
 
         yield {"host": "127.0.0.1", "port": port, "user": PG_USER, "password": PG_PASSWORD, "url": url,
-               "log": log}
+               "log": log, "data": data}
     finally:
         if started:
             subprocess.run(_as_server_user([str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w",

@@ -3,9 +3,10 @@ SIGKILLed in the middle of a trial: the heartbeat marks its trial FAIL, Optuna's
 queues the point again, another worker runs it, and the study ends with exactly the requested
 number of done trials — none lost, none run twice.
 
-The workers are started as a user starts them on several machines (`python -m ijepa.tune
-worker --spec ... --study-trials N`); the victim is the same command with checkpoint saving
-patched to block at its first checkpoint (mid-trial) until the test kills it.
+The workers are started as the README starts them on several machines (`python -m ijepa.tune
+worker --dataset D --storage postgresql+psycopg2://... --study-trials N`, here with a tiny
+--conf); nobody creates the study first. The victim is the same command with checkpoint
+saving patched to block at its first checkpoint (mid-trial) until the test kills it.
 """
 from __future__ import annotations
 
@@ -26,7 +27,6 @@ optuna = pytest.importorskip("optuna")
 
 from ijepa import tune  # noqa: E402
 from ijepa.tune.budget import budget_state  # noqa: E402
-from ijepa.tune.workers import worker_spec  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -57,23 +57,27 @@ def _env() -> dict[str, str]:
 
 
 def test_four_postgres_workers_one_killed_mid_trial(tmp_path, postgres):
+    import yaml
+
     from ijepa.data import shard_dataset
 
     shards = tmp_path / "shards"
     shard_dataset({"source": "scenes", "image_size": 16, "scenes": {"sizes": {"train": 32, "val": 16, "test": 8}}},
                   shards, progress=False)
     storage = create_database(postgres, "optuna_kill")
-    cfg = tune.load_tune_config({
-        "dataset": "scenes", "n_trials": N_TRIALS, "storage": storage, "study_name": "kill", "pruner": "none",
-        "seed": 1, "max_train": 32, "max_val": 16, "enqueue_base": False, "mlflow": False,
-        "heartbeat_interval": 1, "grace_period": 4, "stale_retries": 1,
-        "trial": {"total_steps": 4, "eval_every": 2, "batch_size": 8}, "space": SPACE})
+    # the parameters every worker reads (as conf/base on each machine): tiny, heartbeats in seconds
     base = tiny_config()
     base.pop("checkpoint_every")
-    tune.open_study(cfg)  # the study exists before the workers join, as run_study makes it
-    spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps(worker_spec(cfg, base, PROBE, shards, tmp_path / "work", None, None, 1)))
-    args = ["worker", "--spec", str(spec), "--study-trials", str(N_TRIALS)]
+    tune_block = {"n_trials": N_TRIALS, "study_name": "kill", "pruner": "none", "seed": 1, "max_train": 32,
+                  "max_val": 16, "mlflow": False, "heartbeat_interval": 1, "grace_period": 4, "stale_retries": 1,
+                  "trial": {"total_steps": 4, "eval_every": 2, "batch_size": 8}, "space": SPACE}
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "parameters.yml").write_text(yaml.safe_dump({
+        "pretrain": {"common": base, "scenes": {}}, "probe": {"common": PROBE, "scenes": {}}, "tune": tune_block}))
+    # the README's command, one per "machine" (here: process), all on the same PostgreSQL study
+    args = ["worker", "--dataset", "scenes", "--storage", storage, "--study-trials", str(N_TRIALS),
+            "--conf", str(conf), "--shards", str(shards), "--work-dir", str(tmp_path / "work")]
     marker = tmp_path / "victim.pid"
     logs = [open(tmp_path / f"worker{i}.log", "wb") for i in range(WORKERS)]
     procs = [subprocess.Popen([sys.executable, "-c", VICTIM, *args, "--index", "0"],

@@ -35,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--conf", nargs="*", default=conf)
     w = sub.add_parser("worker", help="join a study as one more worker process")
     w.add_argument("--spec", help="(internal) job spec written by run_study")
-    w.add_argument("--index", type=int, default=0)
+    w.add_argument("--index", type=int, default=None,
+                   help="this worker's number: its sampler seed is seed + 1000 x index (default: from host and pid)")
     w.add_argument("--dataset")
     w.add_argument("--storage")
     w.add_argument("--n-trials", type=int, help="trials this worker runs")
@@ -62,13 +63,23 @@ def _mlflow_tracking_uri(path: str | Path = "conf/base/mlflow.yml") -> str | Non
     return ((yaml.safe_load(p.read_text()) or {}).get("server") or {}).get("mlflow_tracking_uri")
 
 
+def _machine_index() -> int:
+    """A worker number from the host name and pid: workers started without --index on several
+    machines must not share a sampler seed (they would propose the same points)."""
+    import os
+    import socket
+    import zlib
+
+    return (zlib.crc32(socket.gethostname().encode()) + os.getpid()) % 100_000
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = _parser()
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
     if args.cmd == "worker" and args.spec:
-        run_worker_spec(args.spec, args.index, args.n_trials, args.study_trials)
+        run_worker_spec(args.spec, args.index or 0, args.n_trials, args.study_trials)
         return 0
 
     params = read_parameters(args.conf)
@@ -106,5 +117,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     read_shard_info(shards, verify=True)  # once for this worker: its trials do not verify again
     run_worker(cfg, pre, probe, shards,
                args.work_dir or f"data/07_tune/{args.dataset}", args.n_trials if args.n_trials is not None else cfg.n_trials,
-               tracking, parent, args.index, target=args.study_trials)
+               tracking, parent, args.index if args.index is not None else _machine_index(), target=args.study_trials)
     return 0

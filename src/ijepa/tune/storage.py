@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .config import TuneConfig
 
@@ -44,15 +44,42 @@ def storage_for(url: str, heartbeat_interval: int = 60, grace_period: int = 300,
         retry = (optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=stale_retries)
                  if stale_retries != 0 else None)
         try:
-            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs or None,
-                                                 heartbeat_interval=heartbeat_interval, grace_period=grace_period,
-                                                 heartbeat_stale_trial_callback=retry)
+            with _schema_lock(url):
+                storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs or None,
+                                                     heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                                                     heartbeat_stale_trial_callback=retry)
         except ImportError as err:  # e.g. postgresql:// without psycopg2
             raise ImportError(f"Optuna storage {redact(url)}: the database driver is missing ({err.__cause__ or err}); "
                               f"for PostgreSQL: pip install psycopg2-binary") from err
     if sqlite:
         _serialize_sqlite_writes(storage.engine)
     return storage
+
+
+@contextlib.contextmanager
+def _schema_lock(url: str) -> Iterator[None]:
+    """PostgreSQL: one worker at a time creates Optuna's tables. Workers started together on an
+    empty database otherwise race in CREATE TABLE and all but one die with a UniqueViolation
+    (seen with 4 workers). A session advisory lock, released when the connection closes."""
+    if not url.startswith("postgresql"):
+        yield
+        return
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    engine = sqlalchemy.create_engine(url, poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": _SCHEMA_LOCK_KEY})
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": _SCHEMA_LOCK_KEY})
+    finally:
+        engine.dispose()
+
+
+_SCHEMA_LOCK_KEY = 0x1E9A5C4E  # any fixed number: the lock is per database
 
 
 def _serialize_sqlite_writes(engine) -> None:
