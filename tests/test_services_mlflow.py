@@ -49,7 +49,7 @@ def _env(**extra) -> dict[str, str]:
 
 def _project(root: Path, tracking_uri: str) -> Path:
     """A copy of the tracked project files with the tiny parameters of test_dvc_pipeline,
-    nproc 2, and kedro-mlflow pointed at the server."""
+    nproc 2, and kedro-mlflow pointed at the server in conf/local/mlflow.yml."""
     from test_dvc_pipeline import _edit, _tiny
 
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
@@ -60,7 +60,9 @@ def _project(root: Path, tracking_uri: str) -> Path:
             shutil.copy2(ROOT / rel, root / rel)
     _tiny(root)
     _edit(root / "conf/base/parameters_pretrain.yml", lambda p: p["pretrain"]["common"].update(nproc=2))
-    _edit(root / "conf/base/mlflow.yml", lambda m: m["server"].update(mlflow_tracking_uri=tracking_uri))
+    # as the README says: the tracking server goes in conf/local/mlflow.yml
+    (root / "conf/local").mkdir(parents=True, exist_ok=True)
+    (root / "conf/local/mlflow.yml").write_text(yaml.safe_dump({"server": {"mlflow_tracking_uri": tracking_uri}}))
     return root
 
 

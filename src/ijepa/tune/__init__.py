@@ -35,8 +35,9 @@ gets the optimisation-history and parameter-importance PNGs, `best_value`, tags
 `best.<param>` and `best_trial.json`.
 
 Modules: `config` (TuneConfig, SearchSpace, TrialSettings), `space` (points <-> masks, a
-trial's pretraining parameters), `storage` (Optuna storage, pruner, study), `objective`
-(one trial; the only module that imports the training code), `workers` (worker processes),
+trial's pretraining parameters), `storage` (Optuna storage with heartbeats, pruner, study),
+`objective` (one trial; the only module that imports the training code), `budget` (a
+study-wide number of trials shared by workers, exact, surviving dead workers), `workers` (worker processes),
 `study` (run_study, summary, parent run, plots), `handoff` (apply_best), `cli`.
 """
 from __future__ import annotations
