@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import torch
+from tqdm.auto import tqdm
 
 from ijepa import features as feats_mod
 from ijepa.config import ConfigError, as_dict, from_mapping, require
@@ -38,6 +39,8 @@ from ijepa.export import EncoderFileError, _resolve, load_encoder, read_encoder_
 from ijepa.hashing import file_sha256
 from ijepa.linear import LinearProbe, confusion_matrix, fit_linear_probe
 from ijepa.models import EncoderConfig, ViTEncoder
+from ijepa.probe_inputs import (ProbeError, check_encoder_matches_shards, check_splits, class_names_of, load_splits,
+                                num_classes_of, shape_from_manifest)
 
 __all__ = ["ProbeConfig", "ProbeError", "run_probes", "lowshot_indices", "lowshot_counts",
            "check_encoder_matches_shards", "PROBES", "BASELINES", "fit_head", "num_classes_of"]
@@ -51,9 +54,6 @@ _LABEL_OF = {"linear": "cls", "lowshot": "cls", "count": "count", "depth": "dept
 ProbeName = Literal["linear", "lowshot", "count", "depth"]
 BaselineName = Literal["random_init", "pixels"]
 
-
-class ProbeError(ValueError):
-    """Inputs of a probe run do not fit together (encoder vs shards, empty split, ...)."""
 
 
 @dataclass(frozen=True)
@@ -138,98 +138,6 @@ def lowshot_indices(labels: torch.Tensor, seed: int, fraction: float | None = No
     return torch.sort(torch.cat(picks)).values
 
 
-# ----------------------------------------------------------------------------- shards
-
-
-def _shape_from_manifest(manifest: Mapping[str, Any]) -> tuple[int | None, int | None, int | None]:
-    """(channels, height, width) recorded in a shard manifest (`image.{channels,height,width}`, else
-    the top-level `channels` / `image_size`); None where not recorded."""
-    image = manifest.get("image") if isinstance(manifest.get("image"), Mapping) else {}
-    size = manifest.get("image_size")
-
-    def num(*values: Any) -> int | None:
-        return next((int(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)), None)
-
-    return (num(image.get("channels"), manifest.get("channels")),
-            num(image.get("height"), size), num(image.get("width"), size))
-
-
-def check_encoder_matches_shards(enc: EncoderConfig, shape: tuple[int | None, int | None, int | None],
-                                 encoder_path: Any, shard_dir: Any, adapt: bool = False) -> dict[str, Any] | None:
-    """None when the encoder reads the shard images as they are; else, with `adapt`, how they are made
-    to fit: {"from": [c, h, w], "to": [C, S, S], "resize": how or None, "replicate_channels": bool}.
-    ProbeError naming both values for what cannot fit (size without `adapt`; channels but grey -> C)."""
-    c, h, w = shape
-    resize = h is not None and w is not None and (h, w) != (enc.img_size, enc.img_size)
-    replicate = c is not None and c != enc.in_chans
-    problems = []
-    if resize and not adapt:
-        grid, g = f"{h / enc.patch_size:g}x{w / enc.patch_size:g}", enc.img_size // enc.patch_size
-        problems.append(f"image size {enc.img_size}x{enc.img_size} (patch grid {g}x{g} of {enc.patch_size}px "
-                        f"patches) vs shard image size {h}x{w} (patch grid {grid})")
-    if replicate and not (adapt and c == 1):
-        problems.append(f"channels {enc.in_chans} vs shard channels {c}"
-                        + (" (only grey shards are adapted, by replicating the channel)" if adapt else ""))
-    if problems:
-        raise ProbeError(f"encoder {encoder_path} does not fit the shards in {shard_dir}: " + "; ".join(problems))
-    if not (resize or replicate):
-        return None
-    return {"from": [c, h, w], "to": [enc.in_chans, enc.img_size, enc.img_size],
-            "resize": feats_mod.AdaptedEncoder.RESIZE if resize else None, "replicate_channels": replicate}
-
-
-@dataclass
-class _Split:
-    images: torch.Tensor          # uint8 [N, C, H, W]
-    labels: dict[str, torch.Tensor]
-
-
-def _check_splits(manifest: Mapping[str, Any], shard_dir: Path, cfg: ProbeConfig) -> None:
-    """Every split the probes need is in the manifest and non-empty (before any loading)."""
-    splits = manifest.get("splits") or {}
-    for name in (cfg.train_split, cfg.val_split, cfg.test_split):
-        if name not in splits:
-            raise ProbeError(f"split {name!r} not found in {shard_dir / 'manifest.json'} (has {sorted(splits)})")
-        n = splits[name].get("samples") if isinstance(splits[name], Mapping) else None
-        if n is not None and int(n) == 0:
-            raise ProbeError(f"split {name!r} of {shard_dir} is empty (0 samples); the probes need "
-                             f"non-empty {cfg.train_split}/{cfg.val_split}/{cfg.test_split} splits")
-
-
-def _load_shards(shard_dir: Path, cfg: ProbeConfig) -> dict[str, _Split]:
-    from ijepa.data.reader import load_split
-
-    splits = {}
-    for name in (cfg.train_split, cfg.val_split, cfg.test_split):
-        try:
-            images, labels = load_split(shard_dir, name, labels=True)
-        except KeyError as err:
-            raise ProbeError(f"split {name!r} not found in {shard_dir}: {err}") from None
-        if images.ndim != 4 or images.shape[0] == 0:
-            raise ProbeError(f"split {name!r} of {shard_dir} is empty (images {tuple(images.shape)})")
-        splits[name] = _Split(images, {k: torch.as_tensor(v).long() for k, v in (labels or {}).items()})
-    return splits
-
-
-def num_classes_of(manifest: Mapping[str, Any], label: str, values: list[torch.Tensor]) -> int:
-    """The label schema's num_classes, or more if a value exceeds it."""
-    seen = max(int(v.max()) for v in values) + 1
-    entry = (manifest.get("labels") or {}).get(label) if isinstance(manifest.get("labels"), Mapping) else None
-    declared = entry.get("num_classes") if isinstance(entry, Mapping) else None
-    return max(seen, int(declared)) if isinstance(declared, int) and not isinstance(declared, bool) else seen
-
-
-def _class_names(manifest: Mapping[str, Any], label: str, n_classes: int) -> list[str]:
-    """Names of the label's values from the manifest's label schema (`labels.<label>.names`),
-    else '0', '1', ..."""
-    schema = manifest.get("labels")
-    entry = schema.get(label) if isinstance(schema, Mapping) else None
-    names = entry.get("names") if isinstance(entry, Mapping) else None
-    if isinstance(names, (list, tuple)) and len(names) >= n_classes and all(isinstance(x, str) for x in names):
-        return list(names)[:n_classes]
-    return [str(i) for i in range(n_classes)]
-
-
 # ----------------------------------------------------------------------------- run
 
 
@@ -249,6 +157,30 @@ def _random_encoder(enc_cfg: EncoderConfig, seed: int) -> ViTEncoder:
         torch.manual_seed(seed)
         model = ViTEncoder(enc_cfg)
     return model.eval().requires_grad_(False)
+
+
+class FitProgress:
+    """The head fits after the feature bars: a bar over the fits and a log line per fit with its
+    time and an ETA, the remaining work weighted by each fit's size (train rows x feature dims,
+    all seeds of a low-shot probe together), so no fit phase runs silent."""
+
+    def __init__(self, work: Mapping[tuple[str, str], float], bar: bool = True):
+        self.work, self.left, self.total = dict(work), float(sum(work.values())), len(work)
+        self.t0, self.count = time.perf_counter(), 0
+        self.bar = tqdm(total=self.total, desc="probe fits", unit="fit", disable=not bar, leave=False)
+
+    def done(self, probe: str, model: str, seconds: float) -> None:
+        self.count += 1
+        self.left -= self.work[(probe, model)]
+        elapsed = time.perf_counter() - self.t0
+        finished = float(sum(self.work.values())) - self.left
+        eta = elapsed / finished * self.left if finished > 0 else 0.0
+        self.bar.update(1)
+        log.info("probe fit %d/%d: %s on %s features in %.1f s; %.0f s so far, about %.0f s left",
+                 self.count, self.total, probe, model, seconds, elapsed, eta)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def run_probes(cfg: ProbeConfig | Mapping[str, Any] | None, encoder_path: str | Path, shard_dir: str | Path,
@@ -290,14 +222,15 @@ def run_probes(cfg: ProbeConfig | Mapping[str, Any] | None, encoder_path: str | 
     from ijepa.data.reader import load_manifest
 
     manifest = load_manifest(shard_dir)  # ShardError / ManifestMissingError naming the file
-    check_encoder_matches_shards(enc_cfg, _shape_from_manifest(manifest), encoder_path, shard_dir, cfg.adapt_inputs)
+    check_encoder_matches_shards(enc_cfg, shape_from_manifest(manifest), encoder_path, shard_dir, cfg.adapt_inputs)
     if cfg.n_last > enc_cfg.depth:
         raise ProbeError(f"n_last={cfg.n_last} but encoder {encoder_path} has only depth {enc_cfg.depth}")
-    _check_splits(manifest, shard_dir, cfg)
+    order = (cfg.train_split, cfg.val_split, cfg.test_split)
+    check_splits(manifest, shard_dir, order)
     encoder = load_encoder(encoder_path)
     sha = file_sha256(weights)
 
-    splits = _load_shards(shard_dir, cfg)
+    splits = load_splits(shard_dir, order)
     fingerprint = file_sha256(shard_dir / "manifest.json")
     for name, split in splits.items():  # the decoded images are authoritative
         adapt = check_encoder_matches_shards(enc_cfg, tuple(split.images.shape[1:]), encoder_path,
@@ -306,7 +239,6 @@ def run_probes(cfg: ProbeConfig | Mapping[str, Any] | None, encoder_path: str | 
         fingerprint += f";input {adapt['from']}->{adapt['to']} {adapt['resize']}"
     wrap = (lambda m: feats_mod.AdaptedEncoder(m, enc_cfg.img_size, enc_cfg.in_chans)) if adapt else (lambda m: m)
     seconds["load"] = time.perf_counter() - t_start
-    order = (cfg.train_split, cfg.val_split, cfg.test_split)
     tr, va, te = order
 
     # Plan every probe -- labels present and valid, low-shot subsets drawn -- before any features.
@@ -354,6 +286,8 @@ def run_probes(cfg: ProbeConfig | Mapping[str, Any] | None, encoder_path: str | 
     probes: dict[str, dict[str, Any]] = {}
     details: dict[str, Any] = {}
     confusion = class_names = None
+    n_tr = {p: (int(subsets[0].numel()) * len(seeds) if p == "lowshot" else splits[tr].images.shape[0]) for p in plans}
+    fits = FitProgress({(p, m): n_tr[p] * features[m][tr].shape[1] for p in plans for m in models}, progress)
     for probe, (ys, n_classes) in plans.items():
         t0 = time.perf_counter()
         row: dict[str, Any] = {}
@@ -380,7 +314,8 @@ def run_probes(cfg: ProbeConfig | Mapping[str, Any] | None, encoder_path: str | 
                                               "seconds": round(time.perf_counter() - t1, 3)}
                 if probe == "linear" and model_name == "ijepa":
                     confusion = confusion_matrix(pred, ys[te], n_classes).tolist()
-                    class_names = _class_names(manifest, "cls", n_classes)
+                    class_names = class_names_of(manifest, "cls", n_classes)
+            fits.done(probe, model_name, time.perf_counter() - t1)
         if probe == "lowshot":
             row["n_labels"] = int(subsets[0].numel())
             row["seeds"] = len(seeds)
@@ -390,6 +325,7 @@ def run_probes(cfg: ProbeConfig | Mapping[str, Any] | None, encoder_path: str | 
         seconds[probe] = time.perf_counter() - t0
         log.info("probe %s: %s", probe, row)
 
+    fits.close()
     seconds["total"] = time.perf_counter() - t_start
     metrics = {"encoder_sha256": sha, "probes": probes, "skipped": skipped,
                **({"input_adaptation": adapt} if adapt else {})}
