@@ -47,14 +47,17 @@ class LineageHooks:
         if isinstance(pipeline, (list, tuple)):
             pipeline = ",".join(pipeline)
         dataset = (run_params.get("runtime_params") or {}).get("dataset", "")
+        env = run_params.get("env") or "local"
         self._tags = {
             "git_commit": sha,
             "git_dirty": str(dirty).lower(),
             "kedro_pipeline": str(pipeline),
+            "kedro_env": str(env),
             "dataset": str(dataset),
-            # Same name as the DVC foreach stage that runs this pipeline (dvc.yaml).
-            "dvc_stage": f"{pipeline}@{dataset}" if dataset else str(pipeline),
         }
+        if env in ("local", "base"):  # dvc.yaml runs the default environment only
+            # Same name as the DVC foreach stage that runs this pipeline (dvc.yaml).
+            self._tags["dvc_stage"] = f"{pipeline}@{dataset}" if dataset else str(pipeline)
         self._tagged = False
 
     @hook_impl
