@@ -92,6 +92,10 @@ class ModelConfig:
 # Paper shapes (ViT-B/L/H); predictor depth 12 for L/H, width 384 (I-JEPA paper, appendix).
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(EncoderConfig(), PredictorConfig()),
+    # The default job's CPU model: about 3x fewer FLOPs per token than tiny, so a 2-core laptop
+    # CPU without native bf16 pretrains and probes both default datasets in minutes.
+    "micro": ModelConfig(EncoderConfig(embed_dim=128, depth=4, num_heads=4),
+                         PredictorConfig(embed_dim=64, depth=3, num_heads=4)),
     "vit_b16": ModelConfig(
         EncoderConfig(img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
                       norm_mean=(0.485, 0.456, 0.406), norm_std=(0.229, 0.224, 0.225)),
