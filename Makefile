@@ -29,8 +29,6 @@ help:
 MIN_FREE_GB ?= 8
 VENV_PARENT = $(dir $(abspath $(VENV)))
 
-# --no-compile: no byte-compiling of every installed module at set-up (torch alone has thousands);
-# Python compiles and caches what a run imports, on first import.
 $(VENV)/.installed: requirements.txt pyproject.toml
 	@if [ ! -x $(PY) ]; then \
 	  mkdir -p $(VENV_PARENT); \
@@ -43,7 +41,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	fi
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q --no-compile -r requirements.txt
+	$(PY) -m pip install -q -r requirements.txt
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
