@@ -165,7 +165,8 @@ class FitProgress:
     all seeds of a low-shot probe together), so no fit phase runs silent."""
 
     def __init__(self, work: Mapping[tuple[str, str], float], bar: bool = True):
-        self.work, self.left, self.total = dict(work), float(sum(work.values())), len(work)
+        self.work, self.total = dict(work), len(work)
+        self.all = self.left = float(sum(work.values()))
         self.t0, self.count = time.perf_counter(), 0
         self.bar = tqdm(total=self.total, desc="probe fits", unit="fit", disable=not bar, leave=False)
 
@@ -173,7 +174,7 @@ class FitProgress:
         self.count += 1
         self.left -= self.work[(probe, model)]
         elapsed = time.perf_counter() - self.t0
-        finished = float(sum(self.work.values())) - self.left
+        finished = self.all - self.left
         eta = elapsed / finished * self.left if finished > 0 else 0.0
         self.bar.update(1)
         log.info("probe fit %d/%d: %s on %s features in %.1f s; %.0f s so far, about %.0f s left",
