@@ -29,7 +29,19 @@ help:
 MIN_FREE_GB ?= 8
 VENV_PARENT = $(dir $(abspath $(VENV)))
 
-$(VENV)/.installed: requirements.txt pyproject.toml
+# Installs go through uv (pinned below): on a 2-core machine it set up the runtime pins in 90 s
+# against pip's 193 s, byte-compiling included (imports as fast as after pip). uv does not read
+# pip's configuration, so tools/uv_args.py hands it pip's index, find-links and constraints.
+# Where uv cannot be installed or fails, pip does the same install.
+UV_VERSION := 0.13.9
+define install
+$(PY) -m pip install -q uv==$(UV_VERSION) \
+  && $(BIN)/uv pip install --quiet --python $(PY) --compile-bytecode $$($(PY) tools/uv_args.py $(PY)) -r $(1) \
+  || { echo "setup: uv failed, installing $(1) with pip (slower)"; \
+       $(PY) -m pip install -q --upgrade pip && $(PY) -m pip install -q -r $(1); }
+endef
+
+$(VENV)/.installed: requirements.txt pyproject.toml tools/uv_args.py
 	@if [ ! -x $(PY) ]; then \
 	  mkdir -p $(VENV_PARENT); \
 	  free_gb=$$(df -Pk $(VENV_PARENT) | awk 'NR == 2 {print int($$4 / 1048576)}'); \
@@ -40,8 +52,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	  fi; \
 	fi
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements.txt
+	$(call install,requirements.txt)
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
@@ -49,7 +60,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 # change of requirements-test.txt re-runs only this step. Order-only on the runtime stamp: the
 # venv must exist first, but a runtime re-install does not force this one again.
 $(VENV)/.installed-test: requirements-test.txt | $(VENV)/.installed
-	$(PY) -m pip install -q -r requirements-test.txt
+	$(call install,requirements-test.txt)
 	touch $@
 
 # Real images for the default job: Debian's dataset-fashion-mnist (no download at run time).
