@@ -136,8 +136,8 @@ class IJepa(Method):
     def export_encoder(self) -> ViTEncoder:
         return self.target_encoder
 
-    def compile(self) -> None:
-        self.target_forward = torch.compile(self.target_encoder)
+    def compile(self, backend: str = "inductor") -> None:
+        self.target_forward = torch.compile(self.target_encoder, backend=backend)
 
     def derived(self) -> dict[str, Any]:
         return {"encoder_params": count_params(self.encoder), "predictor_params": count_params(self.predictor)}

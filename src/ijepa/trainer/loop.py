@@ -73,6 +73,8 @@ class Trainer(StepMixin, StateMixin):
     """State and steps of one pretraining run in one process (one rank). The step itself is
     `StepMixin` (ijepa.trainer.steps), checkpoint state and resume `StateMixin` (ijepa.trainer.state)."""
 
+    compile_backend = "inductor"  # torch.compile's backend when compiling (tests: "aot_eager")
+
     def __init__(self, plan: TrainPlan, out_dir: str | Path, tracker: Tracker | None = None,
                  loss_csv: str | Path | None = None, dist_info: DistInfo | None = None,
                  on_checkpoint: CheckpointCallback | None = None):
@@ -135,8 +137,8 @@ class Trainer(StepMixin, StateMixin):
         self.optimizer = build_optimizer(cfg, *self.method.trained.children())
         self.compiled = resolve_compile(cfg.compile, self.device)
         if self.compiled:
-            self.train_module = torch.compile(self.train_module)
-            self.method.compile()
+            self.train_module = torch.compile(self.train_module, backend=self.compile_backend)
+            self.method.compile(self.compile_backend)
 
     def _data_mode(self) -> str:
         d = self.cfg.data
