@@ -56,7 +56,8 @@ def shard_modules(*roots: nn.Module) -> None:
                 for blk in blocks:
                     fully_shard(blk, reshard_after_forward=True)
         for child in root.children():
-            if any(True for _ in child.parameters()):
+            # a block stack (ModuleList) has no forward of its own: its blocks are the units
+            if not isinstance(child, nn.ModuleList) and any(True for _ in child.parameters()):
                 fully_shard(child, reshard_after_forward=True)
         fully_shard(root, reshard_after_forward=True)
 
