@@ -3,11 +3,13 @@
 Sections (``--only`` takes a comma list; "speed" = every section but quality):
 
   train_step  bench_train_step: our train step vs a naive one (img/s, ratio), model GFLOP/s vs
-              this machine's fp32 matmul rate (flop_fraction), peak memory
+              this machine's matmul rate in the step's own precision (flop_fraction: bf16 against
+              the bf16 matmul, fp32 against fp32), peak memory
   masks       bench_masks: vectorised MaskGenerator vs the per-image loop collator, batch 256
   loader      bench_loader: decoding shards (img/s) vs what the train step consumes
   shard       bench_shard: sharding img/s per source
-  gpu         bench_gpu: bf16 + fused attention train step and model FLOP utilisation on CUDA;
+  gpu         bench_gpu: ViT-B/16 and ViT-H/14 train steps (bf16, eager and compiled), MFU against
+              the GPU's spec bf16 peak and a measured matmul (also `make gpu-check`);
               "not measured" without a CUDA device
   quality     bench_quality: I-JEPA vs MAE vs random init vs pixels at equal wall-clock budget
 
@@ -130,7 +132,7 @@ def section_gpu(quick: bool, repeats: int) -> dict:
         return {"measured": False, "note": "not measured: no CUDA device on this machine"}
     import bench_gpu
 
-    return bench_gpu.run(quick=quick)
+    return bench_gpu.run_suite("cuda", quick=quick)
 
 
 def section_quality(quick: bool, budget_s: float, seeds: int, datasets: tuple[str, ...], work: str) -> dict:
@@ -219,14 +221,12 @@ def render_markdown(res: Mapping[str, Any]) -> str:
                              f"{_fmt(ts.get('ours_img_s'))} | naive {prec} {_fmt(ts.get('naive_same_precision_img_s'))} | "
                              f"{_fmt(ts.get('ratio_same_precision'), 2)} ({_spread(ts, 'ratio_same_precision', 2)}) "
                              f"| – | – |")
+            # like with like: the model's FLOP/s against the matmul rate of the precision it runs in
+            own_mm = ts.get(f"matmul_{prec}_gflop_s") if prec != "fp32" else ts.get("matmul_gflop_s")
             lines.append(f"| model GFLOP/s (enc + target + predictor, fwd + bwd, {prec}) | "
-                         f"{_fmt(ts.get('model_gflop_s'))} | fp32 matmul {_fmt(ts.get('matmul_gflop_s'))} | "
+                         f"{_fmt(ts.get('model_gflop_s'))} | {prec} matmul {_fmt(own_mm)} | "
                          f"{_fmt(ts.get('flop_fraction'), 3)} ({_spread(ts, 'flop_fraction', 3)}) | ≥ 0.6 | "
                          f"{_met(ts.get('flop_fraction'), 0.6)} |")
-            if ts.get("matmul_bf16_gflop_s") is not None:
-                lines.append(f"| same, against the matmul rate of {prec} | {_fmt(ts.get('model_gflop_s'))} | "
-                             f"{prec} matmul {_fmt(ts.get(f'matmul_{prec}_gflop_s', ts.get('matmul_gflop_s')))} | "
-                             f"{_fmt(ts.get('flop_fraction_own_precision'), 3)} | – | – |")
             lines.append(f"| train step bf16 autocast vs fp32, img/s | {_fmt(ts.get('ours_bf16_img_s'))} | our fp32 "
                          f"{_fmt(ts.get('ours_fp32_img_s', ts.get('ours_img_s')))} | {_fmt(ts.get('bf16_speedup'), 2)} "
                          f"| – | – |")
@@ -250,15 +250,7 @@ def render_markdown(res: Mapping[str, Any]) -> str:
                 lines.append(f"| {src} | {_fmt(sh.get(f'{src}_img_s'))} | {_fmt(sh.get(f'{src}_cpu_img_s'))} | "
                              f"{_fmt(sh.get(f'{src}_n'))} |")
         lines.append("")
-    gpu = res.get("gpu")
-    lines += ["### GPU", ""]
-    if not gpu or not gpu.get("measured", True):
-        lines += [f"{(gpu or {}).get('note', 'not measured')}.", ""]
-    else:
-        lines += ["| device | img/s (bf16, fused attention) | model TFLOP/s | bf16 matmul TFLOP/s | utilisation |",
-                  "|---|---|---|---|---|",
-                  f"| {gpu.get('device')} | {_fmt(gpu.get('img_s'))} | {_fmt(gpu.get('model_tflop_s'), 1)} | "
-                  f"{_fmt(gpu.get('matmul_tflop_s'), 1)} | {_fmt(gpu.get('flop_fraction'), 3)} |", ""]
+    lines += render_gpu(res.get("gpu"))
     q = res.get("quality")
     if q:
         lines += ["## Quality at equal compute", ""]
@@ -293,6 +285,34 @@ def render_markdown(res: Mapping[str, Any]) -> str:
     else:
         lines += ["## Quality at equal compute", "", "Not run yet: `python benchmarks/run_all.py --only quality`.", ""]
     return "\n".join(lines) + "\n"
+
+
+def render_gpu(gpu: Mapping[str, Any] | None) -> list[str]:
+    """The GPU section (`make gpu-check`, bench_gpu.run_suite); "not measured" without one."""
+    lines = ["### GPU", ""]
+    if not gpu or not gpu.get("measured"):
+        return lines + [f"{(gpu or {}).get('note', 'not measured')}.", ""]
+    if "runs" not in gpu:  # the single-run format of earlier versions
+        return lines + [f"{gpu.get('device')}: {_fmt(gpu.get('img_s'))} img/s (older format, re-run make gpu-check).",
+                        ""]
+    lines += [f"{gpu.get('device')}, measured {str(gpu.get('measured_at', '?'))[:10]} (torch {gpu.get('torch')}): "
+              f"spec dense bf16 peak {_fmt(gpu.get('spec_bf16_tflops'), 0)} TFLOP/s, measured bf16 matmul "
+              f"{_fmt(gpu.get('matmul_bf16_tflop_s'), 1)} TFLOP/s. {gpu.get('timed')}; FLOPs: {gpu.get('flops')}.", "",
+              "| model | mode | batch | img/s | model TFLOP/s | MFU (spec peak) | MFU (matmul) | peak memory GB "
+              "| compile s | graphs / recompiles |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in gpu.get("runs", []):
+        mode = "compiled" if r.get("compiled") else "eager"
+        if "skipped" in r:
+            lines.append(f"| {r['preset']} | {mode} | {r.get('batch_size')} | {r['skipped']} | | | | | | |")
+            continue
+        lines.append(f"| {r['preset']} | {mode} | {r['batch_size']} | {_fmt(r.get('img_s'))} | "
+                     f"{_fmt(r.get('model_tflop_s'), 1)} | {_fmt(r.get('mfu_spec'), 3)} | {_fmt(r.get('mfu_matmul'), 3)} "
+                     f"| {_fmt(r.get('peak_mem_gb'), 1)} | {_fmt(r.get('compile_s'), 0)} | "
+                     f"{r.get('graphs')} / {r.get('recompiles')} |")
+    for t in gpu.get("targets", []):
+        lines.append(f"\nTarget: {t['preset']} {'compiled' if t['compiled'] else 'eager'} MFU ≥ "
+                     f"{t['target_mfu_spec']:.2f} of the spec peak: **{_fmt(t.get('met'))}**.")
+    return lines + [""]
 
 
 def write_results(res: Mapping[str, Any], out_dir: Path) -> None:

@@ -12,6 +12,7 @@ from typing import Literal, Sequence
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 from timm.layers import PatchEmbed, build_sincos2d_pos_embed, trunc_normal_
 from timm.models.vision_transformer import Block
 
@@ -160,6 +161,28 @@ def _blocks(dim: int, depth: int, heads: int, mlp_ratio: float, drop_path: float
     )
 
 
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+               checkpointing: bool = False) -> torch.Tensor:
+    """The blocks in turn; with `checkpointing` (and grad enabled) each block's activations are
+    recomputed in the backward pass instead of kept (torch.utils.checkpoint, non-reentrant: the
+    RNG state of drop_path is replayed, so the gradients are those of the plain pass)."""
+    for blk in blocks:
+        if checkpointing and torch.is_grad_enabled():
+            x = checkpoint(blk, x, attn_mask=attn_mask, use_reentrant=False)
+        else:
+            x = blk(x, attn_mask=attn_mask)
+    return x
+
+
+def set_grad_checkpointing(module: nn.Module, enabled: bool = True) -> nn.Module:
+    """Activation checkpointing on or off in every block stack of `module` (ViTEncoder,
+    Predictor, the MAE decoder); not part of the weights or of encoder.json."""
+    for m in module.modules():
+        if hasattr(m, "grad_checkpointing"):
+            m.grad_checkpointing = bool(enabled)
+    return module
+
+
 class ViTEncoder(nn.Module):
     """ViT without class token; fixed sin-cos positions (or a stored table); final LayerNorm."""
 
@@ -177,6 +200,7 @@ class ViTEncoder(nn.Module):
         self.register_buffer("norm_std", std, persistent=False)
         self.blocks = _blocks(cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_ratio, cfg.drop_path, cfg.norm_eps)
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
+        self.grad_checkpointing = False  # set_grad_checkpointing
         self.apply(_init_weights)
         self._rescale_blocks()
 
@@ -206,9 +230,7 @@ class ViTEncoder(nn.Module):
         x = self.embed(images)
         if keep is not None:
             x = gather_tokens(x, keep)
-        attn_mask = _key_mask(keep_valid)
-        for blk in self.blocks:
-            x = blk(x, attn_mask=attn_mask)
+        x = run_blocks(self.blocks, x, _key_mask(keep_valid), self.grad_checkpointing)
         return self.norm(x)
 
     @torch.no_grad()
@@ -238,6 +260,7 @@ class Predictor(nn.Module):
         self.blocks = _blocks(cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_ratio, cfg.drop_path)
         self.norm = nn.LayerNorm(cfg.embed_dim)
         self.proj = nn.Linear(cfg.embed_dim, enc.embed_dim)
+        self.grad_checkpointing = False  # set_grad_checkpointing
         self.apply(_init_weights)
         trunc_normal_(self.mask_token, std=0.02)
 
@@ -264,8 +287,7 @@ class Predictor(nn.Module):
             valid = torch.cat([ctx_valid.repeat(m, 1),
                                torch.ones(m * b, nt, dtype=torch.bool, device=ctx_valid.device)], dim=1)
             attn_mask = _key_mask(valid)
-        for blk in self.blocks:
-            x = blk(x, attn_mask=attn_mask)
+        x = run_blocks(self.blocks, x, attn_mask, self.grad_checkpointing)
         x = self.norm(x[:, nc:])
         return self.proj(x)
 
@@ -276,5 +298,5 @@ def count_params(module: nn.Module) -> int:
 
 __all__: Sequence[str] = [
     "EncoderConfig", "PredictorConfig", "ModelConfig", "PRESETS", "preset", "gather_tokens",
-    "ViTEncoder", "Predictor", "count_params",
+    "ViTEncoder", "Predictor", "count_params", "run_blocks", "set_grad_checkpointing",
 ]

@@ -54,6 +54,9 @@ class ModelSection:
     patch_size: int | None = None  # null = the preset's
     encoder: EncoderOverrides = field(default_factory=EncoderOverrides)
     predictor: PredictorOverrides = field(default_factory=PredictorOverrides)
+    # activation checkpointing of every transformer block (encoder, predictor, decoder): the
+    # blocks' activations are recomputed in the backward pass, for memory at ViT-H/14 scale
+    grad_checkpointing: bool = False
 
     def validate(self) -> None:
         require(self.preset in PRESETS, f"preset: unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
@@ -63,10 +66,14 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with per-iteration schedules. `batch_size` is GLOBAL (all
-    processes together; each of `nproc` processes gets batch_size / nproc)."""
+    """AdamW with per-iteration schedules. `batch_size` is GLOBAL: the images of one optimiser
+    step, all processes and accumulation steps together. Each of `nproc` processes runs
+    `accum_steps` forward/backward passes of batch_size / (nproc * accum_steps) images per
+    optimiser step, so global batch = per-pass batch x accum_steps x nproc. Schedules, steps
+    and checkpoints count optimiser steps."""
 
     batch_size: int = 64
+    accum_steps: int = 1
     epochs: int = 10
     total_steps: int | None = None  # when set, replaces epochs * steps_per_epoch
     lr: float = 1e-3
@@ -84,6 +91,7 @@ class OptimConfig:
 
     def validate(self) -> None:
         require(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        require(self.accum_steps >= 1, f"accum_steps must be >= 1, got {self.accum_steps}")
         require(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         require(self.total_steps is None or self.total_steps >= 1,
                 f"total_steps must be >= 1 or null, got {self.total_steps}")
@@ -161,7 +169,13 @@ class PretrainConfig:
     # "auto": bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32
     # (ijepa.precision); "bf16" / "fp32" force one
     precision: Literal["auto", "bf16", "fp32"] = "auto"
-    compile: bool = False
+    # "auto": torch.compile on CUDA, eager on CPU (compiling pays off only on long CPU runs);
+    # true / false force it. Mask lengths vary per step: they are marked dynamic (no recompiles)
+    compile: bool | Literal["auto"] = "auto"
+    # nproc > 1: "ddp" replicates the trained modules; "fsdp" shards parameters, gradients and
+    # optimiser state (torch FSDP2 fully_shard, per transformer block; the EMA target encoder
+    # too): for vit_h14 and larger. Checkpoints hold full tensors either way.
+    distributed: Literal["ddp", "fsdp"] = "ddp"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     checkpoint_every: int = 500
     keep_last: int = 2
@@ -183,9 +197,11 @@ class PretrainConfig:
         require(self.nproc >= 1, f"nproc must be >= 1, got {self.nproc}")
         require(self.threads is None or self.threads >= 1, f"threads must be >= 1 or null, got {self.threads}")
         require(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
-        require(self.optimisation.batch_size % self.nproc == 0,
-                f"optimisation.batch_size {self.optimisation.batch_size} is not divisible by nproc {self.nproc} "
-                f"(batch_size is the global batch, split evenly across processes)")
+        o = self.optimisation
+        require(o.batch_size % (self.nproc * o.accum_steps) == 0,
+                f"optimisation.batch_size {o.batch_size} is not divisible by nproc {self.nproc} x "
+                f"optimisation.accum_steps {o.accum_steps} (batch_size is the global batch, split evenly across "
+                f"processes and accumulation steps)")
 
     def to_dict(self) -> dict:
         return as_dict(self)
@@ -201,8 +217,11 @@ def load_config(cfg: "PretrainConfig | Mapping[str, Any] | None") -> PretrainCon
 
 
 # Fields that may change between a checkpoint and its resume without making it wrong.
+# accum_steps, grad_checkpointing and distributed change memory and summation order, not the run
+# (same global batch, same data, full-tensor checkpoints either way).
 RESUME_SAFE_FIELDS = frozenset({
     "checkpoint_every", "keep_last", "log_every", "num_workers", "progress", "compile", "threads",
+    "optimisation.accum_steps", "model.grad_checkpointing", "distributed",
     "collapse.std_min", "collapse.rank_min", "data.memory_limit_mb", "data.verify", "device", "deterministic",
 })
 

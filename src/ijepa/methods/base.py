@@ -86,8 +86,8 @@ class Method(ABC):
     def export_encoder(self) -> ViTEncoder:
         """The encoder that is exported and evaluated."""
 
-    def compile(self) -> None:
-        """Compile forward passes the trainer does not wrap itself (``compile: true``)."""
+    def compile(self, backend: str = "inductor") -> None:
+        """Compile forward passes the trainer does not wrap itself (``compile``)."""
 
     def derived(self) -> dict[str, Any]:
         """Run facts worth logging (parameter counts, visible patches, ...)."""

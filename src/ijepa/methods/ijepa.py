@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ijepa.config import ConfigError
+from ijepa.fsdp import is_sharded, local, reshard
 from ijepa.masks import MaskGenerator, Masks
 from ijepa.methods.base import Masker, Method
 from ijepa.models import ModelConfig, Predictor, ViTEncoder, count_params, gather_tokens
@@ -84,9 +85,12 @@ def forward_jepa(context_path: nn.Module, target_encoder: nn.Module, images: tor
 
 @torch.no_grad()
 def ema_update_(target: nn.Module, online: nn.Module, momentum: float) -> None:
-    """target <- momentum * target + (1 - momentum) * online, parameter by parameter."""
-    tp = list(target.parameters())
-    op = [p.detach() for p in online.parameters()]
+    """target <- momentum * target + (1 - momentum) * online, parameter by parameter. Under
+    FSDP both are sharded alike: each rank updates its own shards (no communication)."""
+    if is_sharded(target) or is_sharded(online):
+        reshard(target, online)
+    tp = [local(p) for p in target.parameters()]
+    op = [local(p.detach()) for p in online.parameters()]
     if len(tp) != len(op):
         raise RuntimeError("EMA: target and online networks differ in their parameters")
     torch._foreach_mul_(tp, momentum)
@@ -132,8 +136,8 @@ class IJepa(Method):
     def export_encoder(self) -> ViTEncoder:
         return self.target_encoder
 
-    def compile(self) -> None:
-        self.target_forward = torch.compile(self.target_encoder)
+    def compile(self, backend: str = "inductor") -> None:
+        self.target_forward = torch.compile(self.target_encoder, backend=backend)
 
     def derived(self) -> dict[str, Any]:
         return {"encoder_params": count_params(self.encoder), "predictor_params": count_params(self.predictor)}

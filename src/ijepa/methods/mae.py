@@ -32,7 +32,8 @@ from timm.layers import trunc_normal_
 from ijepa.config import require
 from ijepa.masks import Masks
 from ijepa.methods.base import Masker, Method
-from ijepa.models import EncoderConfig, ModelConfig, ViTEncoder, _blocks, _init_weights, _sincos, count_params, gather_tokens
+from ijepa.models import (EncoderConfig, ModelConfig, ViTEncoder, _blocks, _init_weights, _sincos, count_params,
+                          gather_tokens, run_blocks)
 from ijepa.precision import adapt_for_precision
 
 __all__ = ["Mae", "MaeOptions", "RandomMaskGenerator", "MaeDecoder", "MaePath", "patchify", "mae_loss",
@@ -107,6 +108,7 @@ class MaeDecoder(nn.Module):
         self.blocks = _blocks(cfg.decoder_dim, cfg.decoder_depth, cfg.decoder_heads, cfg.decoder_mlp_ratio, 0.0)
         self.norm = nn.LayerNorm(cfg.decoder_dim)
         self.pred = nn.Linear(cfg.decoder_dim, enc.patch_size ** 2 * enc.in_chans)
+        self.grad_checkpointing = False  # ijepa.models.set_grad_checkpointing
         self.apply(_init_weights)
         trunc_normal_(self.mask_token, std=0.02)
 
@@ -118,8 +120,7 @@ class MaeDecoder(nn.Module):
         queries = self.mask_token.to(dtype=x.dtype) + gather_tokens(pos, masked)
         k = x.shape[1]
         x = torch.cat([x, queries], dim=1)
-        for blk in self.blocks:
-            x = blk(x)
+        x = run_blocks(self.blocks, x, None, self.grad_checkpointing)
         return self.pred(self.norm(x[:, k:]))
 
 

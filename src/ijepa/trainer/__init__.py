@@ -1,7 +1,12 @@
 """The method-agnostic pretraining trainer, split by concern:
 
   plan      everything checked before any work (config, shards, model, masker), once
-  loop      `Trainer`: one process's steps, logging, checkpoints, export
+  loop      `Trainer`: one process's loop, logging, checkpoints, export
+  steps     one optimiser step: data, masks, accumulated passes, AdamW, after-step (no host reads)
+  state     checkpoint state (CPU copies, full tensors under FSDP) and resume
+  losses    the device-side loss window, read every log_every steps (NaN/inf stop)
+  ckpt_writer  background checkpoint writes (atomic, one at a time, waited for)
+  compiling `compile: auto`, dynamic mask lengths, dynamo's counters
   optim     AdamW parameter groups and the per-iteration schedules
   resume    the resume policy (what may continue a run folder; retiring stale checkpoints)
   process   threads, determinism and seeds of the process

@@ -26,11 +26,15 @@ class Logbook:
         self.collapse_warnings = 0
         self.window = {"loss_sum": 0.0, "count": 0}
 
+    def add_losses(self, losses: list[float]) -> None:
+        """Per-step losses (host floats, in step order) read from the device since the last read."""
+        for value in losses:
+            self.window["loss_sum"] += value
+            self.window["count"] += 1
+
     def add(self, stats: dict[str, Any], step: int, is_log_step: bool, epoch: int, images_per_s: float,
             bar: Any = None) -> None:
-        """Add one step's `stats`; at a log step, write a row of window means."""
-        self.window["loss_sum"] += stats["loss"]
-        self.window["count"] += 1
+        """At a log step, write a row: the window's mean loss (`add_losses`) and `stats` (host numbers)."""
         if not is_log_step:
             return
         loss = self.window["loss_sum"] / max(1, self.window["count"])

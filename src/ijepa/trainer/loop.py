@@ -1,16 +1,22 @@
 """The method-agnostic training loop of one process (one rank).
 
-One iteration (`Trainer.train_step`):
+One iteration (`Trainer.train_step`), one optimiser step:
   data     next uint8 batch of this rank (ijepa.train_data), RandomResizedCrop seeded by
            (seed, step), float [0, 1]
-  masks    the method's masker on the GLOBAL batch with make_generator(seed, step), this rank's rows
-  forward  the method's loss (I-JEPA: ijepa.methods.ijepa; MAE: ijepa.methods.mae)
-  check    global loss finite, else NonFiniteLossError naming the step (nothing is stepped)
-  backward AdamW (no weight decay on biases and 1-D params), lr / wd from the schedules,
+  masks    the batch's own masks when the data provides them (this rank's rows), else the
+           method's masker on the GLOBAL batch with make_generator(seed, step), this rank's rows
+  passes   `accum_steps` forward/backward passes over equal slices of the batch (gradients
+           accumulated; DDP/FSDP reduce them only in the last pass), the loss scaled by
+           1/accum_steps so the gradient is that of the whole batch's mean loss
+  step     AdamW (no weight decay on biases and 1-D params), lr / wd from the schedules,
            optional grad clipping (off by default)
   after    the method's after_step (I-JEPA: EMA of the target encoder, m from the schedule)
-  log      every log_every steps: loss, lr, wd, momentum, images/s, grad norm, collapse signals
-  ckpt     every checkpoint_every steps and at the end (rank 0; atomic; last K kept)
+  log      every log_every steps: the window's losses read from the device in one transfer
+           (NonFiniteLossError at the first NaN/inf), lr, wd, momentum, images/s, grad norm,
+           collapse signals; nothing else leaves the device between log steps
+  ckpt     every checkpoint_every steps and at the end: losses checked first; a CPU copy
+           of the state (full tensors under FSDP) written by a background thread on rank 0
+           (atomic; last K kept; one at a time; waited for at the end)
 
 Masks and crops are seeded by the global step, the data order by (seed, epoch) and the
 position inside the epoch is step % steps_per_epoch, so a resumed run needs only the step:
@@ -32,18 +38,23 @@ import torch.nn as nn
 
 from ijepa import atomic
 from ijepa import checkpoint as ckpt
+from ijepa import fsdp
 from ijepa.config import ConfigError
-from ijepa.distributed import DistInfo, all_reduce_mean, barrier, pick_device, wrap_ddp
-from ijepa.masks import Masks, derive_seed, make_generator
-from ijepa.monitor import collapse_stats
+from ijepa.distributed import DistInfo, barrier, pick_device, wrap_ddp
+from ijepa.masks import derive_seed
+from ijepa.models import ViTEncoder, set_grad_checkpointing
 from ijepa.precision import autocast_for, resolve_precision
 from ijepa.tracking import NullTracker, Tracker
 from ijepa.train_data import Augmenter, MemoryBatches, StreamBatches, load_train_images
+from ijepa.trainer.ckpt_writer import CheckpointWriter
+from ijepa.trainer.compiling import resolve_compile
 from ijepa.trainer.logbook import Logbook
-from ijepa.trainer.optim import apply_schedules, build_optimizer, build_schedules, grad_norm
+from ijepa.trainer.losses import LossWindow, NonFiniteLossError
+from ijepa.trainer.optim import build_optimizer, build_schedules
 from ijepa.trainer.plan import TrainPlan
 from ijepa.trainer.process import seed_everything
-from ijepa.trainer.resume import ResumeMismatchError, resume_problems
+from ijepa.trainer.state import StateMixin
+from ijepa.trainer.steps import StepMixin
 
 __all__ = ["Trainer", "NonFiniteLossError", "CheckpointCallback", "ENCODER_SUBDIR", "SUMMARY"]
 
@@ -58,12 +69,11 @@ SUMMARY = "summary.json"
 CheckpointCallback = Callable[[int, nn.Module], None]
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; training stopped before stepping the optimizer."""
+class Trainer(StepMixin, StateMixin):
+    """State and steps of one pretraining run in one process (one rank). The step itself is
+    `StepMixin` (ijepa.trainer.steps), checkpoint state and resume `StateMixin` (ijepa.trainer.state)."""
 
-
-class Trainer:
-    """State and steps of one pretraining run in one process (one rank)."""
+    compile_backend = "inductor"  # torch.compile's backend when compiling (tests: "aot_eager")
 
     def __init__(self, plan: TrainPlan, out_dir: str | Path, tracker: Tracker | None = None,
                  loss_csv: str | Path | None = None, dist_info: DistInfo | None = None,
@@ -78,9 +88,11 @@ class Trainer:
         self.loss_csv = Path(loss_csv) if loss_csv is not None else self.out_dir / "loss.csv"
         self.ckpt_dir = self.out_dir / ckpt.CHECKPOINT_SUBDIR
         self.device = self.dist.device
-        self.step = 0  # completed iterations
+        self.step = 0  # completed iterations (optimiser steps)
         self.logbook = Logbook(self.tracker, self.loss_csv, self.cfg.collapse, self.dist.is_main)
         self.history = self.logbook.history
+        self.losses = LossWindow(self.dist)
+        self.writer = CheckpointWriter(self.ckpt_dir, self.cfg.keep_last)
         self.resumed_from: int | None = None
         self.last_checkpoint: Path | None = None
         self.saved_step: int | None = None
@@ -98,23 +110,35 @@ class Trainer:
         # from here on each rank has its own torch stream (drop_path), rank 0's being the
         # single-process one
         torch.manual_seed(derive_seed(cfg.seed, 303, self.dist.rank))
-        self.trained_params = [p for p in self.method.trained.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(cfg, *self.method.trained.children())
-        self.global_batch = cfg.optimisation.batch_size
+        if cfg.model.grad_checkpointing:
+            for module in self.method.checkpoint_modules().values():
+                set_grad_checkpointing(module, True)
+        o = cfg.optimisation
+        self.global_batch = o.batch_size
         self.local_batch = self.global_batch // self.dist.world_size
+        self.accum_steps = o.accum_steps
+        self.micro_batch = self.local_batch // self.accum_steps
         self.data_mode = self._data_mode()
         self.reader = self._build_reader()
         self.steps_per_epoch = self.reader.steps_per_epoch
-        o = cfg.optimisation
         self.total_steps = o.total_steps if o.total_steps is not None else o.epochs * self.steps_per_epoch
         self.schedules = build_schedules(cfg, self.total_steps, self.steps_per_epoch)
         self.augment = Augmenter(cfg.augmentation.enabled, cfg.augmentation.scale, cfg.augmentation.ratio,
                                  cfg.seed, self.global_batch, self.dist.rank, self.dist.world_size)
         self.autocast = autocast_for(cfg.precision, self.device)
-        self.train_module: nn.Module = wrap_ddp(self.method.trained, self.dist)
-        if cfg.compile:
-            self.train_module = torch.compile(self.train_module)
-            self.method.compile()
+        self.sharded = cfg.distributed == "fsdp" and self.dist.distributed
+        if self.sharded:  # parameters become DTensor shards: before the optimiser sees them
+            fsdp.shard_modules(self.method.trained, *[m for m in self.method.checkpoint_modules().values()
+                                                      if not _inside(m, self.method.trained)])
+            self.train_module: nn.Module = self.method.trained
+        else:
+            self.train_module = wrap_ddp(self.method.trained, self.dist)
+        self.trained_params = [p for p in self.method.trained.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(cfg, *self.method.trained.children())
+        self.compiled = resolve_compile(cfg.compile, self.device)
+        if self.compiled:
+            self.train_module = torch.compile(self.train_module, backend=self.compile_backend)
+            self.method.compile(self.compile_backend)
 
     def _data_mode(self) -> str:
         d = self.cfg.data
@@ -138,145 +162,19 @@ class Trainer:
         return {"img_size": self.shards.image_size, "in_chans": self.shards.channels,
                 "grid": list(self.plan.model.encoder.grid), "total_steps": self.total_steps,
                 "steps_per_epoch": self.steps_per_epoch, "global_batch": self.global_batch,
-                "local_batch": self.local_batch, "world_size": self.dist.world_size,
+                "local_batch": self.local_batch, "accum_steps": self.accum_steps, "micro_batch": self.micro_batch,
+                "world_size": self.dist.world_size, "distributed": "fsdp" if self.sharded else (
+                    "ddp" if self.dist.distributed else "none"), "compiled": self.compiled,
                 "data_mode": self.data_mode, "precision": resolve_precision(self.cfg.precision, self.device),
                 "device": str(self.device), "dataset": self.shards.dataset,
                 "manifest_sha256": self.shards.manifest_sha256, "method": self.cfg.method,
                 **self.method.derived()}
 
-    # -- checkpoint ----------------------------------------------------------------------
-    def _rng_states(self) -> list[dict[str, Any]]:
-        """Every rank's RNG states (a collective under DDP: call on all ranks)."""
-        mine = ckpt.rng_state()
-        if not self.dist.distributed:
-            return [mine]
-        import torch.distributed as dist
-
-        out: list[Any] = [None] * self.dist.world_size
-        dist.all_gather_object(out, mine)
-        return out
-
-    def state_dict(self, rng: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-        epoch, batch = divmod(self.step, self.steps_per_epoch)
-        rng = rng if rng is not None else self._rng_states()
-        return {
-            "step": self.step, "epoch": epoch, "total_steps": self.total_steps,
-            **{k: m.state_dict() for k, m in self.method.checkpoint_modules().items()},
-            "optimizer": self.optimizer.state_dict(),
-            "schedules": self.schedules.state_dict(), "rng": rng[0], "rng_per_rank": rng,
-            "data": {"mode": self.data_mode, "epoch": epoch, "batch": batch, "steps_per_epoch": self.steps_per_epoch,
-                     "global_batch": self.global_batch, "world_size": self.dist.world_size, "seed": self.cfg.seed},
-            "config": self.cfg.to_dict(), "dataset": self.shards.dataset,
-            "manifest_sha256": self.shards.manifest_sha256, **self.logbook.state_dict(),
-        }
-
-    def save_checkpoint(self) -> Path | None:
-        """All ranks call this (their RNG states are gathered); rank 0 writes."""
-        rng = self._rng_states()
-        self.saved_step = self.step
-        if not self.dist.is_main:
-            return None
-        path = ckpt.save_checkpoint(self.state_dict(rng), self.ckpt_dir, self.step, self.cfg.keep_last)
-        self.last_checkpoint = path
-        log.info("checkpoint %s", path)
-        return path
-
-    def maybe_resume(self) -> bool:
-        if self.dist.is_main:
-            ckpt.clean_stale_temps(self.ckpt_dir)
-        found = ckpt.load_latest(self.ckpt_dir, map_location="cpu")
-        if found is None:
-            return False
-        path, state = found
-        run = {"mode": self.data_mode, "world_size": self.dist.world_size, "steps_per_epoch": self.steps_per_epoch,
-               "total_steps": self.total_steps}
-        problems = resume_problems(state, self.cfg, self.shards.manifest_sha256, self.shards.root / "manifest.json",
-                                   run)
-        if problems:
-            raise ResumeMismatchError(
-                f"cannot resume from {path}: the run folder {self.out_dir} holds a checkpoint of a different "
-                f"configuration, so resuming would not continue the same run:\n  " + "\n  ".join(problems) +
-                f"\nUse a new output folder, or delete {self.ckpt_dir} to start over.")
-        for key, module in self.method.checkpoint_modules().items():
-            module.load_state_dict(state[key])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.schedules.load_state_dict(state["schedules"])
-        self.step = int(state["step"])
-        self.logbook.load_state_dict(state, self.step)
-        per_rank = state.get("rng_per_rank") or [state["rng"]]
-        ckpt.set_rng_state(per_rank[self.dist.rank] if self.dist.rank < len(per_rank) else state["rng"])
-        self.resumed_from = self.step
-        self.last_checkpoint = path
-        self.saved_step = self.step
-        if self.schedules.lr.t != self.step:
-            raise ckpt.CheckpointError(f"{path}: schedule position {self.schedules.lr.t} != step {self.step}")
-        log.info("resumed from %s (step %d of %d)", path, self.step, self.total_steps)
-        return True
-
-    # -- steps ---------------------------------------------------------------------------
-    def next_images(self, step: int) -> torch.Tensor:
-        """data: this rank's batch for global iteration `step`, augmented, float [0, 1]."""
-        epoch, k = divmod(step, self.steps_per_epoch)
-        if self._data_epoch != epoch or self._data_iter is None:
-            self._data_iter = iter(self.reader.batches(epoch, k))
-            self._data_epoch = epoch
-        raw = next(self._data_iter)
-        self.batches_seen += 1
-        return self.augment(raw, step, self.device)
-
-    def masks_for(self, step: int) -> Masks:
-        """masks: the global batch's masks from (seed, step); this rank's rows."""
-        m = self.method.masks(self.global_batch, make_generator(self.cfg.seed, step))
-        if self.dist.world_size > 1:
-            lo, hi = self.dist.rank * self.local_batch, (self.dist.rank + 1) * self.local_batch
-            m = Masks(context=m.context[:, lo:hi], targets=m.targets[:, lo:hi], grid=m.grid, target_hw=m.target_hw,
-                      context_hw=m.context_hw, context_counts=m.context_counts[:, lo:hi],
-                      context_valid=None if m.context_valid is None else m.context_valid[:, lo:hi])
-        return m.to(self.device, non_blocking=True)
-
-    def check_finite(self, loss: torch.Tensor, step: int) -> float:
-        """Global (mean over ranks) loss as a float; raises NonFiniteLossError if not finite."""
-        value = float(all_reduce_mean(loss.detach().float(), self.dist))
-        if not math.isfinite(value):
-            last = self.last_checkpoint or ckpt.latest_checkpoint(self.ckpt_dir)
-            raise NonFiniteLossError(
-                f"loss is {value} at step {step + 1} of {self.total_steps} (epoch {step // self.steps_per_epoch}); "
-                f"stopped before the optimizer step. Last good checkpoint: {last if last else 'none'}. "
-                f"Lower optimisation.lr, check the data, or try precision 'fp32'.")
-        return value
-
-    def backward_step(self, loss: torch.Tensor, lr: float, weight_decay: float, want_norm: bool) -> float | None:
-        """backward/optimizer: gradients (all-reduced by DDP), optional clipping, AdamW step."""
-        apply_schedules(self.optimizer, lr, weight_decay)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        norm = None
-        if self.cfg.optimisation.grad_clip is not None:
-            norm = float(torch.nn.utils.clip_grad_norm_(self.trained_params, self.cfg.optimisation.grad_clip))
-        elif want_norm:
-            norm = grad_norm(self.trained_params)
-        self.optimizer.step()
-        return norm
-
-    def train_step(self, step: int, images: torch.Tensor | None = None) -> dict[str, Any]:
-        """One iteration; `images` (float [0, 1], this rank's batch, on the device) replaces
-        the data step, e.g. to time the step alone."""
-        want_log = self._is_log_step(step + 1)
-        images = self.next_images(step) if images is None else images
-        masks = self.masks_for(step)
-        values = self.schedules.step()
-        loss, h = self.method.loss(self.train_module, images, masks, self.autocast)
-        loss_value = self.check_finite(loss, step)
-        norm = self.backward_step(loss, values["lr"], values["weight_decay"], want_log)
-        self.method.after_step(values["momentum"])
-        self.step = step + 1
-        out = {"loss": loss_value, "grad_norm": norm, "context_tokens": masks.context.shape[-1], **values}
-        if want_log:
-            out.update(collapse_stats(h))
-        return out
-
     def _is_log_step(self, done: int) -> bool:
         return done % self.cfg.log_every == 0 or done == self.total_steps
+
+    def _is_checkpoint_step(self, done: int) -> bool:
+        return done % self.cfg.checkpoint_every == 0 or done == self.total_steps
 
     def log(self, stats: dict[str, Any], elapsed: float, steps_in_window: int, bar) -> None:
         ips = self.global_batch * steps_in_window / elapsed if elapsed > 0 else float("nan")
@@ -296,11 +194,13 @@ class Trainer:
                 stats = self.train_step(step)
                 n += 1
                 bar.update(1)
-                elapsed = time.perf_counter() - t0
-                self.log(stats, elapsed, n, bar)
-                if self._is_log_step(self.step):
+                is_log, is_ckpt = self._is_log_step(self.step), self._is_checkpoint_step(self.step)
+                if is_log or is_ckpt:  # the only host syncs: read the losses (raises on NaN/inf)
+                    self.flush_losses()
+                if is_log:
+                    self.log(self.read_stats(stats), time.perf_counter() - t0, n, bar)
                     t0, n = time.perf_counter(), 0
-                if self.step % self.cfg.checkpoint_every == 0 or self.step == self.total_steps:
+                if is_ckpt:
                     self.save_checkpoint()
                     self._after_checkpoint()
         finally:
@@ -312,7 +212,7 @@ class Trainer:
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             self.on_checkpoint(self.step, self.method.export_encoder())
 
-    def export(self) -> Path:
+    def export(self, encoder: nn.Module | None = None) -> Path:
         """The method's exported encoder (rank 0), in the format `ijepa.load_encoder` reads."""
         from ijepa.export import save_encoder
 
@@ -321,7 +221,21 @@ class Trainer:
                 "epochs": self.step / self.steps_per_epoch, "final_loss": self.final_loss(),
                 "config": self.cfg.to_dict(), "derived": self.derived(),
                 "source": f"ijepa.methods.{self.cfg.method} ({type(self.method).__name__}.export_encoder)"}
-        return save_encoder(self.method.export_encoder(), self.out_dir / ENCODER_SUBDIR, metadata=meta)
+        return save_encoder(encoder if encoder is not None else self.method.export_encoder(),
+                            self.out_dir / ENCODER_SUBDIR, metadata=meta)
+
+    def _gathered_encoder(self) -> nn.Module | None:
+        """Under FSDP: the exported encoder with full weights, on CPU (a collective; rank 0
+        gets it). Otherwise None: the method's own module is exported."""
+        if not self.sharded:
+            return None
+        module = self.method.export_encoder()
+        state = fsdp.full_state_dict(module)
+        if not self.dist.is_main:
+            return None
+        plain = ViTEncoder(module.cfg)
+        plain.load_state_dict(state)
+        return plain.eval()
 
     def final_loss(self) -> float | None:
         return self.logbook.final_loss()
@@ -329,10 +243,13 @@ class Trainer:
     def finish(self) -> dict[str, Any]:
         summary: dict[str, Any] = {}
         if self.saved_step != self.step:  # same decision on every rank (collective inside)
+            self.flush_losses()
             self.save_checkpoint()
+        self.writer.wait()  # the last checkpoint is complete before anything reports success
         counts = self._gather_batch_counts()
+        encoder = self._gathered_encoder()
         if self.dist.is_main:
-            enc_path = self.export()
+            enc_path = self.export(encoder)
             self.history.write_csv(self.loss_csv)
             png = self.out_dir / "loss.png"
             from ijepa.viz.training import save_loss_curve_png
@@ -384,9 +301,19 @@ class Trainer:
             if self.step < self.total_steps:
                 self.train_loop()
         except (NonFiniteLossError, ckpt.CheckpointWriteError) as err:
+            with contextlib.suppress(Exception):  # a write in flight finishes (or fails) first
+                self.writer.wait(raise_errors=False)
             if self.dist.is_main:
                 with contextlib.suppress(OSError):  # on a full disk this may fail too; the error says why
                     self.history.write_csv(self.loss_csv)
                 self.tracker.set_tag("pretrain_status", f"failed: {err}"[:5000])
             raise
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.writer.wait(raise_errors=False)
+            raise
         return self.finish()
+
+
+def _inside(module: nn.Module, root: nn.Module) -> bool:
+    return any(m is module for m in root.modules())

@@ -53,8 +53,9 @@ def apply_schedules(optimizer: torch.optim.Optimizer, lr: float, weight_decay: f
             group["weight_decay"] = weight_decay
 
 
-def grad_norm(params: list[torch.Tensor]) -> float:
+def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    """Global L2 norm of the gradients, as a 0-d tensor on their device (no host sync)."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return 0.0
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
