@@ -38,7 +38,8 @@ from ijepa.masks import Masks, derive_seed, make_generator
 from ijepa.monitor import collapse_stats
 from ijepa.precision import autocast_for, resolve_precision
 from ijepa.tracking import NullTracker, Tracker
-from ijepa.train_data import Augmenter, MemoryBatches, StreamBatches, load_train_images
+from ijepa.train_data import Augmenter
+from ijepa.train_input import TrainInput
 from ijepa.trainer.logbook import Logbook
 from ijepa.trainer.optim import apply_schedules, build_optimizer, build_schedules, grad_norm
 from ijepa.trainer.plan import TrainPlan
@@ -86,7 +87,7 @@ class Trainer:
         self.saved_step: int | None = None
         self.batches_seen = 0
         self._data_iter = None
-        self._data_epoch: int | None = None
+        self._data_next: int | None = None  # the step the data iterator yields next
 
     # -- build ---------------------------------------------------------------------------
     def build(self) -> None:
@@ -102,8 +103,9 @@ class Trainer:
         self.optimizer = build_optimizer(cfg, *self.method.trained.children())
         self.global_batch = cfg.optimisation.batch_size
         self.local_batch = self.global_batch // self.dist.world_size
-        self.data_mode = self._data_mode()
-        self.reader = self._build_reader()
+        self.input = TrainInput(cfg, self.shards, self.plan.masker, self.global_batch, self.dist.rank,
+                                self.dist.world_size, self.device)  # reader + loader workers (images, masks)
+        self.data_mode, self.reader = self.input.mode, self.input.reader
         self.steps_per_epoch = self.reader.steps_per_epoch
         o = cfg.optimisation
         self.total_steps = o.total_steps if o.total_steps is not None else o.epochs * self.steps_per_epoch
@@ -115,24 +117,6 @@ class Trainer:
         if cfg.compile:
             self.train_module = torch.compile(self.train_module)
             self.method.compile()
-
-    def _data_mode(self) -> str:
-        d = self.cfg.data
-        if d.mode != "auto":
-            return d.mode
-        return "memory" if self.shards.train_bytes <= d.memory_limit_mb * 2 ** 20 else "stream"
-
-    def _build_reader(self):
-        cfg, r, w = self.cfg, self.dist.rank, self.dist.world_size
-        if self.data_mode == "memory":
-            images = load_train_images(self.shards)
-            expect = (self.shards.channels, self.shards.image_size, self.shards.image_size)
-            if tuple(images.shape[1:]) != expect:
-                raise ConfigError(f"{self.shards.root}: train images are {tuple(images.shape[1:])}, "
-                                  f"the manifest says {expect}")
-            return MemoryBatches(images, self.global_batch, r, w, cfg.seed)
-        return StreamBatches(self.shards, self.global_batch, r, w, cfg.seed, cfg.num_workers,
-                             cfg.data.shuffle_buffer)
 
     def derived(self) -> dict[str, Any]:
         return {"img_size": self.shards.image_size, "in_chans": self.shards.channels,
@@ -214,15 +198,15 @@ class Trainer:
         return True
 
     # -- steps ---------------------------------------------------------------------------
-    def next_images(self, step: int) -> torch.Tensor:
-        """data: this rank's batch for global iteration `step`, augmented, float [0, 1]."""
-        epoch, k = divmod(step, self.steps_per_epoch)
-        if self._data_epoch != epoch or self._data_iter is None:
-            self._data_iter = iter(self.reader.batches(epoch, k))
-            self._data_epoch = epoch
-        raw = next(self._data_iter)
+    def next_batch(self, step: int) -> tuple[torch.Tensor, Masks]:
+        """data + masks: this rank's (images float [0, 1], masks) of global iteration `step` on the
+        device, from the loader workers (ijepa.train_input), which prepare the next steps meanwhile."""
+        if self._data_iter is None or self._data_next != step:  # first call, or a jump
+            self._data_iter = self.input.batches(step, self.total_steps)
+        images, masks = next(self._data_iter)
+        self._data_next = step + 1
         self.batches_seen += 1
-        return self.augment(raw, step, self.device)
+        return self.input.to_device(images, masks)
 
     def masks_for(self, step: int) -> Masks:
         """masks: the global batch's masks from (seed, step); this rank's rows."""
@@ -262,8 +246,10 @@ class Trainer:
         """One iteration; `images` (float [0, 1], this rank's batch, on the device) replaces
         the data step, e.g. to time the step alone."""
         want_log = self._is_log_step(step + 1)
-        images = self.next_images(step) if images is None else images
-        masks = self.masks_for(step)
+        if images is None:
+            images, masks = self.next_batch(step)
+        else:
+            masks = self.masks_for(step)
         values = self.schedules.step()
         loss, h = self.method.loss(self.train_module, images, masks, self.autocast)
         loss_value = self.check_finite(loss, step)
