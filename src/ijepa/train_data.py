@@ -1,8 +1,7 @@
 """Training batches for pretraining: deterministic order, exact resume, equal batches per rank.
 
-Two readers with the same interface (`batches(epoch, start)` -> iterator of uint8
-[b, C, H, W] for THIS rank, exactly `steps_per_epoch - start` of them), both built on the
-data library (`ijepa.data`):
+Readers (`ijepa.train_input` drives them from DataLoader workers, one step per item), built on
+the data library (`ijepa.data`):
 
 - `MemoryBatches` (default for small datasets: ``data.mode: auto`` picks it when the decoded
   train split fits in ``data.memory_limit_mb``): the split is decoded once into a uint8
@@ -11,18 +10,21 @@ data library (`ijepa.data`):
   the tail that does not fill a batch is dropped) and rank `r` takes rows
   ``[r*b, (r+1)*b)`` of it. Every rank has the same number of batches, N ranks with batch b
   see exactly the images of 1 rank with batch N*b, and resume jumps to batch `k` directly.
-- `StreamBatches` (large datasets; ``data.mode: stream``, or auto above the limit):
-  WebDataset streaming through `ijepa.data.make_loader`: shards
-  resampled per (rank, worker), a seeded sample shuffle buffer, and the epoch cut by
-  ``with_epoch`` to exactly `steps_per_epoch` batches on every rank. The order is fixed for
-  fixed (seed, epoch, rank, world, num_workers); resume re-opens the epoch and skips the
-  batches already trained on (exact, but it decodes them again).
+- `EncodedBatches`: the same for photo shards (whole photos of any size), kept in memory as
+  their encoded bytes and decoded per batch.
+- `StreamBatches` (large datasets; ``data.mode: stream``, or auto above the limit): shards
+  streamed from any location (ijepa.data.location, sha256 checked as they stream), resampled
+  with replacement per (rank, sample stream), a seeded sample shuffle buffer, exactly
+  `steps_per_epoch` batches on every rank. The order is fixed for fixed (seed, epoch, rank,
+  world, num_workers); resume skips the samples already trained on without decoding them.
 
-Augmentation (`Augmenter`): RandomResizedCrop to the same size (scale (0.3, 1.0), ratio
-(3/4, 4/3)), the paper's only augmentation, drawn per image from a generator seeded by
-``(seed, step)`` for the whole global batch (each rank uses its rows), applied batched
-with ``affine_grid`` + bilinear ``grid_sample``. Images leave as float in [0, 1]; the encoder
-normalises inside.
+Augmentation: RandomResizedCrop to `image_size` (scale (0.3, 1.0), ratio (3/4, 4/3)), the
+paper's only augmentation, drawn per image from a generator seeded by ``(seed, step)`` for
+the whole global batch (each rank uses its rows). Decoded squares (`Augmenter`): batched with
+``affine_grid`` + bilinear ``grid_sample``, leaving as float in [0, 1]. Photos
+(`photo_crops`): the same draws give each photo's box in its own size, cut and resized with
+PIL (bilinear, antialiased; JPEGs decoded at a reduced DCT scale when the crop allows),
+leaving as uint8. The encoder normalises inside.
 """
 from __future__ import annotations
 
