@@ -3,7 +3,8 @@
 - scenes: 64 px RGB PNG, generated on the fly (generation + PNG encoding + tar writing).
 - fashion_mnist: 28 px grey PNG from the Debian idx files (skipped, reported as null, when
   /usr/share/datasets/fashion-mnist is absent); idx loading is not timed.
-- imagefolder: a generated tree of 320x240 JPEGs (2 classes) resized/cropped to 64 px PNG.
+- imagefolder: a generated tree of 320x240 JPEGs (2 classes) resized/cropped to 64 px PNG
+  (``store: square``; photos kept whole are measured by bench_photos).
 
 Rates are wall-clock samples/s as `ShardResult.samples_per_s` reports them, plus the same
 count over process CPU time (less sensitive to other load on the machine).
@@ -28,7 +29,7 @@ from ijepa.data.config import FASHION_MNIST_DIR
 
 def _timed(cfg: dict, out: Path) -> tuple[float, float, int]:
     c0 = time.process_time()
-    res = shard_dataset(cfg, out, progress=False)
+    res = shard_dataset({**cfg, "workers": 1}, out, progress=False)  # one process, as the figures say
     cpu = time.process_time() - c0
     return res.samples_per_s, res.samples / cpu if cpu > 0 else 0.0, res.samples
 
@@ -60,7 +61,7 @@ def run(n_scenes: int = 2000, n_fashion: int = 10000, n_folder: int = 300) -> di
             out.update(fashion_mnist_img_s=None, fashion_mnist_cpu_img_s=None, fashion_mnist_n=0)
         _make_tree(tmp / "tree", n_folder)
         wall, cpu, n = _timed({"source": "imagefolder", "image_size": 64,
-                               "imagefolder": {"root": str(tmp / "tree")}}, tmp / "folder")
+                               "imagefolder": {"root": str(tmp / "tree"), "store": "square"}}, tmp / "folder")
         out.update(imagefolder_img_s=round(wall, 1), imagefolder_cpu_img_s=round(cpu, 1), imagefolder_n=n,
                    imagefolder_input="320x240 JPEG q90 -> 64 px PNG")
     out["loadavg_1m"] = round(os.getloadavg()[0], 2)

@@ -8,6 +8,8 @@ Sections (``--only`` takes a comma list; "speed" = every section but quality):
   masks       bench_masks: vectorised MaskGenerator vs the per-image loop collator, batch 256
   loader      bench_loader: decoding shards (img/s) vs what the train step consumes
   shard       bench_shard: sharding img/s per source
+  photos      bench_photos: photo folders at 224 px: sharding img/s per core and bytes, training
+              input img/s with 0/1/2 workers, what a ViT-B/16 / ViT-H/14 step on an H100 consumes
   gpu         bench_gpu: ViT-B/16 and ViT-H/14 train steps (bf16, eager and compiled), MFU against
               the GPU's spec bf16 peak and a measured matmul (also `make gpu-check`);
               "not measured" without a CUDA device
@@ -41,7 +43,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-SPEED = ("train_step", "masks", "loader", "shard", "gpu")
+SPEED = ("train_step", "masks", "loader", "shard", "photos", "gpu")
 SECTIONS = SPEED + ("quality",)
 TARGETS = {"train_step.ratio": 1.5, "train_step.flop_fraction": 0.6, "masks.ratio": 10.0, "loader.ratio": 5.0}
 
@@ -123,6 +125,12 @@ def section_shard(quick: bool, repeats: int) -> dict:
     import bench_shard
 
     return bench_shard.run(60, 300, 10) if quick else bench_shard.run()
+
+
+def section_photos(quick: bool, repeats: int) -> dict:
+    import bench_photos
+
+    return bench_photos.run(n=60, batch_size=8, steps=4) if quick else bench_photos.run()
 
 
 def section_gpu(quick: bool, repeats: int) -> dict:
@@ -250,6 +258,10 @@ def render_markdown(res: Mapping[str, Any]) -> str:
                 lines.append(f"| {src} | {_fmt(sh.get(f'{src}_img_s'))} | {_fmt(sh.get(f'{src}_cpu_img_s'))} | "
                              f"{_fmt(sh.get(f'{src}_n'))} |")
         lines.append("")
+    if res.get("photos"):
+        import bench_photos
+
+        lines += bench_photos.render(res["photos"], _fmt)
     lines += render_gpu(res.get("gpu"))
     q = res.get("quality")
     if q:

@@ -66,9 +66,11 @@ def _finish(proc: subprocess.Popen) -> None:
 
 def test_sigkill_and_resume_is_bitwise_equal(tmp_path):
     shards = make_shards(tmp_path / "shards", n=48, size=16, channels=3)  # RGB scenes, project writer
-    # 14 steps over 3 epochs (16 images x 3 steps), crops on, checkpoints at 4, 8, 12, 14
+    # 14 steps over 3 epochs (16 images x 3 steps), crops on, checkpoints at 4, 8, 12, 14; with
+    # workers, the images and masks of the next steps are built in DataLoader workers
     cfg = tiny_config(optimisation={"total_steps": 14, "batch_size": 16, "warmup_steps": 3},
-                      checkpoint_every=4, keep_last=2, log_every=3, deterministic=True, threads=1)
+                      checkpoint_every=4, keep_last=2, log_every=3, deterministic=True, threads=1,
+                      num_workers=2)  # 0 workers give the same run: tests/test_train_input.py
     ref = _start(cfg, shards, tmp_path / "ref", tmp_path / "unused", 0)
     victim = _start(cfg, shards, tmp_path / "run", tmp_path / "marker", 12)
     _wait_for(tmp_path / "marker", victim)

@@ -23,6 +23,7 @@ seed is reproducible and the seeds differ; the same subsets are used for every m
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -35,6 +36,7 @@ from tqdm.auto import tqdm
 
 from ijepa import features as feats_mod
 from ijepa.config import ConfigError, as_dict, from_mapping, require
+from ijepa.data.manifest import manifest_bytes, shard_root
 from ijepa.export import EncoderFileError, _resolve, load_encoder, read_encoder_info
 from ijepa.hashing import file_sha256
 from ijepa.linear import LinearProbe, confusion_matrix, fit_linear_probe
@@ -209,7 +211,7 @@ def run_probes(cfg: ProbeConfig | Mapping[str, Any] | None, encoder_path: str | 
     shards that cannot fit, naming both values; n_last > depth; missing or empty split).
     """
     cfg = from_mapping(ProbeConfig, cfg, "probe")
-    shard_dir = Path(shard_dir)
+    shard_dir = shard_root(shard_dir)  # a folder or a URL (ijepa.data.location)
     t_start = time.perf_counter()
     seconds: dict[str, float] = {}
 
@@ -232,7 +234,7 @@ def run_probes(cfg: ProbeConfig | Mapping[str, Any] | None, encoder_path: str | 
     sha = file_sha256(weights)
 
     splits = load_splits(shard_dir, order)
-    fingerprint = file_sha256(shard_dir / "manifest.json")
+    fingerprint = hashlib.sha256(manifest_bytes(shard_dir)).hexdigest()
     for name, split in splits.items():  # the decoded images are authoritative
         adapt = check_encoder_matches_shards(enc_cfg, tuple(split.images.shape[1:]), encoder_path,
                                              f"{shard_dir} (split {name})", cfg.adapt_inputs)

@@ -135,10 +135,12 @@ class DataConfig:
     memory_limit_mb: float = 2048.0
     shuffle_buffer: int = 1000  # stream mode: sample shuffle buffer per worker
     verify: bool = True  # check the train shards' sha256 against the manifest before training
+    prefetch: int = 4  # steps (images + masks) each loader worker prepares ahead
 
     def validate(self) -> None:
         require(self.memory_limit_mb >= 0, f"memory_limit_mb must be >= 0, got {self.memory_limit_mb}")
         require(self.shuffle_buffer >= 1, f"shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
+        require(self.prefetch >= 1, f"prefetch must be >= 1, got {self.prefetch}")
 
 
 @dataclass(frozen=True)
@@ -181,7 +183,9 @@ class PretrainConfig:
     keep_last: int = 2
     log_every: int = 10
     seed: int = 0
-    num_workers: int = 0  # decoding workers per process (stream mode)
+    # DataLoader workers per process that decode, crop and build masks (ijepa.train_input);
+    # null = 0 for small images decoded in memory, else the process's cores minus one
+    num_workers: int | None = None
     nproc: int = 1  # processes; > 1 launches torchrun --standalone --nproc_per_node nproc
     threads: int | None = None  # torch CPU threads per process; null = cores / nproc
     deterministic: bool = False
@@ -193,7 +197,8 @@ class PretrainConfig:
         require(self.checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
         require(self.keep_last >= 1, f"keep_last must be >= 1, got {self.keep_last}")
         require(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
-        require(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
+        require(self.num_workers is None or self.num_workers >= 0,
+                f"num_workers must be >= 0 or null, got {self.num_workers}")
         require(self.nproc >= 1, f"nproc must be >= 1, got {self.nproc}")
         require(self.threads is None or self.threads >= 1, f"threads must be >= 1 or null, got {self.threads}")
         require(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
@@ -222,7 +227,7 @@ def load_config(cfg: "PretrainConfig | Mapping[str, Any] | None") -> PretrainCon
 RESUME_SAFE_FIELDS = frozenset({
     "checkpoint_every", "keep_last", "log_every", "num_workers", "progress", "compile", "threads",
     "optimisation.accum_steps", "model.grad_checkpointing", "distributed",
-    "collapse.std_min", "collapse.rank_min", "data.memory_limit_mb", "data.verify", "device", "deterministic",
+    "collapse.std_min", "collapse.rank_min", "data.memory_limit_mb", "data.verify", "data.prefetch", "device", "deterministic",
 })
 
 

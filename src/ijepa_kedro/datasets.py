@@ -40,22 +40,33 @@ class ShardsDataset(AbstractDataset[Any, Path]):
     """A shard folder with manifest.json; loading verifies every shard's sha256."""
 
     def __init__(self, path: str, verify: bool = True):
-        self._path = Path(path)
+        from ijepa.data.location import shard_root
+
+        self._path = shard_root(path)  # a folder, or a URL (http(s)://, pipe:, s3:// ...) to read from
         self._verify = verify
 
-    def _load(self) -> Path:
+    def _load(self) -> Any:
         from ijepa.data.reader import verify_shards
 
         if self._verify:
-            verify_shards(self._path)
+            verify_shards(self._path)  # a URL: every shard streamed once and hashed
         return self._path
 
     def _save(self, data: Any) -> None:
-        if not (self._path / "manifest.json").is_file():
+        if not self._exists():
             raise DatasetError(f"{self._path}/manifest.json was not written by the node")
 
     def _exists(self) -> bool:
-        return (self._path / "manifest.json").is_file()
+        from ijepa.data.location import is_remote
+        from ijepa.data.manifest import ShardError, load_manifest
+
+        if not is_remote(self._path):
+            return (self._path / "manifest.json").is_file()
+        try:
+            load_manifest(self._path)
+        except ShardError:
+            return False
+        return True
 
     def _describe(self) -> dict[str, Any]:
         return {"path": str(self._path), "verify": self._verify}

@@ -18,6 +18,7 @@ class Sample(NamedTuple):
     image: np.ndarray
     labels: dict[str, int]
     extra: dict[str, Any] | None = None  # small JSON-able metadata (e.g. the source file); stored as `json`
+    encoded: tuple[str, bytes] | None = None  # (extension, bytes) stored as they are; `image` may then be None
 
 
 class Source(Protocol):
@@ -31,7 +32,7 @@ class Source(Protocol):
 
     def num_samples(self, split: str) -> int: ...  # upper bound (before skipping unreadable inputs)
 
-    def iter_split(self, split: str) -> Iterator[Sample]: ...
+    def iter_split(self, split: str) -> Iterator[Sample]: ...  # sources with `parallel` take mapper=
 
     def label_schema(self) -> dict[str, dict[str, Any]]: ...
 

@@ -92,12 +92,21 @@ class ImageFolderConfig:
         without sub-folders gives an unlabelled dataset. Splits missing from the layout are
         carved from train by the fractions below (per class, seeded).
     max_warnings: how many skipped files are named in the log warning.
+    store: "photo" (default) keeps each photo whole (ijepa.data.photos): JPEGs with the longer
+        side <= max_side as their original bytes, larger ones resized to max_side and written
+        as JPEG (ShardConfig.jpeg_quality), other formats as PNG; the square crop happens at
+        training time (RandomResizedCrop) and for probes (resize + centre crop).
+        "square": the shorter side resized to image_size and centre-cropped at sharding time,
+        encoded as ShardConfig.format.
+    max_side: the longest side a stored photo keeps (store: photo).
     """
 
     root: str = ""
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     max_warnings: int = 5
+    store: Literal["photo", "square"] = "photo"
+    max_side: int = 512
 
     def validate(self) -> None:
         require(isinstance(self.root, str), f"root must be a path string, got {self.root!r}")
@@ -108,6 +117,9 @@ class ImageFolderConfig:
                 f"val_fraction + test_fraction must be < 1, got {self.val_fraction + self.test_fraction}")
         require(_is_int(self.max_warnings) and self.max_warnings >= 0,
                 f"max_warnings must be an integer >= 0, got {self.max_warnings!r}")
+        require(self.store in ("photo", "square"), f"store must be 'photo' or 'square', got {self.store!r}")
+        require(_is_int(self.max_side) and 16 <= self.max_side <= 16384,
+                f"max_side must be an integer in [16, 16384], got {self.max_side!r}")
 
 
 @dataclass(frozen=True)
@@ -124,6 +136,8 @@ class ShardConfig:
     maxcount / maxsize: samples / bytes per shard before a new shard starts.
     max_samples: optional cap per split name (e.g. {"train": 1000}) for quick runs.
     preview: how many samples of the first split `ShardResult.preview` keeps.
+    workers: processes that read/render and encode inputs (null = every core; 1 = none, in the
+        calling process). The output is byte-identical for any number.
     """
 
     source: Literal["scenes", "fashion_mnist", "imagefolder"] = "scenes"
@@ -137,6 +151,7 @@ class ShardConfig:
     maxsize: int = 1 << 30
     max_samples: dict[str, int] = field(default_factory=dict)
     preview: int = 16
+    workers: int | None = None
     scenes: ScenesConfig = field(default_factory=ScenesConfig)
     fashion_mnist: FashionMnistConfig = field(default_factory=FashionMnistConfig)
     imagefolder: ImageFolderConfig = field(default_factory=ImageFolderConfig)
@@ -169,6 +184,8 @@ class ShardConfig:
         for split, n in self.max_samples.items():
             require(_is_int(n) and n >= 0, f"max_samples.{split} must be an integer >= 0, got {n!r}")
         require(_is_int(self.preview) and self.preview >= 0, f"preview must be an integer >= 0, got {self.preview!r}")
+        require(self.workers is None or (_is_int(self.workers) and self.workers >= 1),
+                f"workers must be an integer >= 1 or null, got {self.workers!r}")
         for name, cls in (("scenes", ScenesConfig), ("fashion_mnist", FashionMnistConfig),
                           ("imagefolder", ImageFolderConfig)):
             sub = getattr(self, name)

@@ -8,10 +8,13 @@ Layouts:
   class folders of all splits.
 - ``root/<image>`` (no sub-folders): one unlabelled set, carved the same way.
 
-Every regular, non-hidden file is tried. Images are converted to RGB after EXIF
-orientation (``ImageOps.exif_transpose``), resized so the shorter side is `image_size`
-(bicubic; JPEGs are first decoded at a reduced scale with ``draft``, still >= the target)
-and centre-cropped. Files that cannot be used are skipped and counted by reason:
+Every regular, non-hidden file is tried, in worker processes when the shard writer passes a
+parallel `mapper` (the order of the output does not depend on it). ``store: photo`` (default)
+keeps each photo whole (`ijepa.data.photos.encode_photo`: original JPEG bytes up to
+`max_side`, else resized); ``store: square`` converts to RGB after EXIF orientation
+(``ImageOps.exif_transpose``), resizes so the shorter side is `image_size` (bicubic; JPEGs are
+first decoded at a reduced scale with ``draft``, still >= the target) and centre-crops. Files
+that cannot be used are skipped and counted by reason:
 ``empty_file``, ``not_an_image``, ``truncated``, ``too_large`` (decompression bomb),
 ``corrupt`` (any other decoding error), ``outside_class_folder`` (a file directly in a
 root that has class folders); the first few are named in one logging warning per split.
@@ -25,15 +28,16 @@ import os
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
 from ijepa.data.common import Sample
 from ijepa.data.config import ImageFolderConfig
+from ijepa.data.photos import READ_ERRORS, SkipImage, classify_error, encode_photo, open_rgb
 from ijepa.seeding import rng_for
 
-__all__ = ["ImageFolderError", "ImageFolderSource", "load_image", "SPLIT_DIRS", "SKIP_REASONS"]
+__all__ = ["ImageFolderError", "ImageFolderSource", "load_image", "SPLIT_DIRS", "SKIP_REASONS", "SkipImage"]
 
 log = logging.getLogger(__name__)
 
@@ -43,12 +47,6 @@ SKIP_REASONS = ("empty_file", "not_an_image", "truncated", "too_large", "corrupt
 
 class ImageFolderError(FileNotFoundError):
     """The image folder is missing, not a folder, or holds no files (the message names the path)."""
-
-
-class SkipImage(Exception):
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason, self.detail = reason, detail
 
 
 def _files(folder: Path) -> list[Path]:
@@ -68,7 +66,7 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
     """One file -> uint8 [size, size, 3] (EXIF orientation, RGB, shorter side resize, centre crop).
 
     Raises SkipImage(reason, detail) for a file that cannot be used."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from PIL import Image, ImageOps
 
     path = Path(path)
     try:
@@ -78,10 +76,7 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
             warnings.simplefilter("ignore")  # palette transparency, EXIF oddities
             with Image.open(path) as im:
                 im.draft("RGB", (size, size))
-                im = ImageOps.exif_transpose(im)
-                if im.mode != "RGB":
-                    im = im.convert("RGBA").convert("RGB") if "transparency" in im.info or im.mode in ("P", "LA", "PA") \
-                        else im.convert("RGB")
+                im = open_rgb(ImageOps.exif_transpose(im))
                 w, h = im.size
                 if w < 1 or h < 1:
                     raise SkipImage("corrupt", f"size {w}x{h}")
@@ -94,25 +89,38 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
                 arr = np.asarray(im, dtype=np.uint8)
     except SkipImage:
         raise
-    except UnidentifiedImageError as err:
-        raise SkipImage("not_an_image", str(err).replace(str(path), "").strip() or "unidentified") from None
-    except Image.DecompressionBombError as err:
-        raise SkipImage("too_large", str(err)) from None
-    except (OSError, SyntaxError, EOFError, ValueError) as err:
-        msg = str(err)
-        reason = "truncated" if ("truncat" in msg.lower() or isinstance(err, EOFError)) else "corrupt"
-        raise SkipImage(reason, msg or type(err).__name__) from None
+    except (Image.DecompressionBombError, *READ_ERRORS) as err:
+        raise classify_error(err, path) from None
     if arr.shape != (size, size, 3):
         raise SkipImage("corrupt", f"decoded to shape {arr.shape}")
     return arr
 
 
+class _Load:
+    """Picklable per-file work for the shard writer's processes: ("ok", payload) or ("skip", reason, detail)."""
+
+    def __init__(self, store: str, image_size: int, max_side: int, jpeg_quality: int):
+        self.store, self.image_size, self.max_side, self.jpeg_quality = store, image_size, max_side, jpeg_quality
+
+    def __call__(self, path: Path) -> tuple:
+        try:
+            if self.store == "photo":
+                ext, data, _ = encode_photo(path, self.max_side, self.jpeg_quality)
+                return "ok", (ext, data)
+            return "ok", load_image(path, self.image_size)
+        except SkipImage as err:
+            return "skip", err.reason, err.detail
+        except OSError as err:  # e.g. vanished or unreadable between listing and reading
+            return "skip", "corrupt", str(err)
+
+
 class ImageFolderSource:
     name = "imagefolder"
     channels = 3
+    parallel = True  # iter_split takes a mapper (the shard writer's process pool)
 
-    def __init__(self, cfg: ImageFolderConfig, image_size: int = 64, seed: int = 0):
-        self.cfg, self.image_size, self.seed = cfg, image_size, seed
+    def __init__(self, cfg: ImageFolderConfig, image_size: int = 64, seed: int = 0, jpeg_quality: int = 95):
+        self.cfg, self.image_size, self.seed, self.jpeg_quality = cfg, image_size, seed, jpeg_quality
         self.root = Path(os.path.expanduser(cfg.root))
         if not cfg.root:
             raise ImageFolderError("imagefolder.root is not set")
@@ -193,7 +201,7 @@ class ImageFolderSource:
     def num_samples(self, split: str) -> int:
         return len(self._lists[split])
 
-    def iter_split(self, split: str) -> Iterator[Sample]:
+    def iter_split(self, split: str, mapper: Callable = map) -> Iterator[Sample]:
         counts: Counter = Counter()
         self._skipped[split] = counts
         named: list[str] = []
@@ -204,16 +212,20 @@ class ImageFolderSource:
                     named.append(f"{f} ({reason})")
         j = 0
         try:
-            for path, cls in self._lists[split]:
-                try:
-                    img = load_image(path, self.image_size)
-                except SkipImage as err:
-                    counts[err.reason] += 1
+            items = self._lists[split]
+            work = _Load(self.cfg.store, self.image_size, self.cfg.max_side, self.jpeg_quality)
+            for (path, cls), result in zip(items, mapper(work, [p for p, _ in items])):
+                if result[0] == "skip":
+                    counts[result[1]] += 1
                     if len(named) < self.cfg.max_warnings:
-                        named.append(f"{path} ({err.reason}: {err.detail})")
+                        named.append(f"{path} ({result[1]}: {result[2]})")
                     continue
                 labels = {"cls": cls} if self.labelled else {}
-                yield Sample(f"{split}_{j:08d}", img, labels, {"path": path.relative_to(self.root).as_posix()})
+                extra = {"path": path.relative_to(self.root).as_posix()}
+                if self.cfg.store == "photo":
+                    yield Sample(f"{split}_{j:08d}", None, labels, extra, encoded=result[1])
+                else:
+                    yield Sample(f"{split}_{j:08d}", result[1], labels, extra)
                 j += 1
         finally:  # also when the consumer stops early (max_samples)
             if counts:
@@ -229,7 +241,10 @@ class ImageFolderSource:
     def params(self) -> dict:
         return {"root": str(self.root), "layout": "split_folders" if self.split_layout else "class_folders",
                 "val_fraction": self.cfg.val_fraction, "test_fraction": self.cfg.test_fraction,
-                "resize": "shorter_side_bicubic_center_crop", "exif_transpose": True}
+                "store": self.cfg.store, "exif_transpose": True,
+                **({"max_side": self.cfg.max_side, "jpeg": "original bytes when the longer side <= max_side, "
+                    "else resized (bicubic) to max_side", "other_formats": "png"} if self.cfg.store == "photo"
+                   else {"resize": "shorter_side_bicubic_center_crop"})}
 
     def skipped(self, split: str) -> dict[str, int]:
         return dict(sorted(self._skipped.get(split, {}).items()))

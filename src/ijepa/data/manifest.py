@@ -6,20 +6,14 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
+from ijepa.data.location import (ManifestMissingError, ShardError, UrlRoot, is_remote, iter_tar_samples, read_bytes,
+                                 shard_root)
 from ijepa.hashing import file_sha256
 
 __all__ = ["MANIFEST", "ShardError", "ManifestMissingError", "UnknownSplitError", "load_manifest", "verify_shards",
-           "split_urls", "split_size", "label_names", "shard_root", "split_info", "shard_entries"]
+           "split_urls", "split_size", "label_names", "shard_root", "split_info", "shard_entries", "manifest_bytes", "UrlRoot"]
 
 MANIFEST = "manifest.json"
-
-
-class ShardError(RuntimeError):
-    """A shard folder is missing, incomplete, altered or does not match its manifest."""
-
-
-class ManifestMissingError(ShardError, FileNotFoundError):
-    """No manifest.json (never written, or a write was interrupted)."""
 
 
 class UnknownSplitError(ShardError, KeyError):
@@ -29,18 +23,30 @@ class UnknownSplitError(ShardError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-def shard_root(shard_dir: str | Path) -> Path:
-    return Path(shard_dir)
+def manifest_bytes(shard_dir: str | Path) -> bytes:
+    """The raw manifest.json of a shard folder or URL (ManifestMissingError naming where)."""
+    root = shard_root(shard_dir)
+    path = root / MANIFEST
+    if not is_remote(root):
+        if not path.is_file():
+            raise ManifestMissingError(f"no shard manifest at {path} (shards not written yet, or an interrupted "
+                                       f"write: run the shard stage again)")
+        return path.read_bytes()
+    try:
+        data = read_bytes(path)
+    except (OSError, ShardError) as err:
+        raise ManifestMissingError(f"no shard manifest at {path} ({err})") from None
+    if not data:
+        raise ManifestMissingError(f"no shard manifest at {path} (empty answer)")
+    return data
 
 
 def load_manifest(shard_dir: str | Path) -> dict[str, Any]:
-    """manifest.json of `shard_dir` as a dict (ManifestMissingError / ShardError naming the file)."""
+    """manifest.json of `shard_dir` (a folder or URL) as a dict (ManifestMissingError / ShardError naming it)."""
     path = shard_root(shard_dir) / MANIFEST
-    if not path.is_file():
-        raise ManifestMissingError(f"no shard manifest at {path} (shards not written yet, or an interrupted "
-                                   f"write: run the shard stage again)")
+    data = manifest_bytes(shard_dir)
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
+        manifest = json.loads(data.decode("utf-8"))
     except (OSError, ValueError) as err:
         raise ShardError(f"{path}: unreadable manifest ({err})") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("splits"), dict):
@@ -102,6 +108,13 @@ def verify_shards(shard_dir: str | Path, splits: Sequence[str] | None = None) ->
         total = 0
         for s in shard_entries(info, root):
             path = root / s["name"]
+            if is_remote(root):  # read it once, hashing as it streams
+                if not all(k in s for k in ("bytes", "sha256", "samples")):
+                    raise ShardError(f"{root / MANIFEST}: shard {s['name']} has no recorded bytes/sha256/samples")
+                for _ in iter_tar_samples(path, s):
+                    pass
+                total += int(s["samples"])
+                continue
             if not path.is_file():
                 raise ShardError(f"missing shard {path} (listed in {root / MANIFEST}, split {split!r})")
             if not all(k in s for k in ("bytes", "sha256", "samples")):

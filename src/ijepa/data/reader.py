@@ -29,7 +29,6 @@ from __future__ import annotations
 import io
 import math
 import random
-import tarfile
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -39,11 +38,13 @@ import torch
 from ijepa.data.manifest import (MANIFEST, ManifestMissingError, ShardError, UnknownSplitError, label_names,
                                  shard_entries, shard_root, split_info, load_manifest, split_size, split_urls,
                                  verify_shards)
+from ijepa.data.location import is_remote, iter_tar_samples
+from ijepa.data.photos import fit_square
 from ijepa.seeding import stream_seed  # also importable from here, as before
 
 __all__ = ["MANIFEST", "ShardError", "ManifestMissingError", "UnknownSplitError", "load_manifest", "verify_shards",
            "split_urls", "split_size", "label_names", "decode_sample", "make_pipeline", "make_loader",
-           "load_split", "iter_split_samples", "stream_seed"]
+           "load_split", "iter_split_samples", "stream_seed", "decode_image", "is_photo"]
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -57,12 +58,21 @@ def _decode_image(data: bytes, channels: int) -> np.ndarray:
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 
+decode_image = _decode_image  # bytes (PNG/JPEG) -> uint8 HxWxC
+
+
 def _image_bytes(sample: dict[str, Any]) -> bytes:
     for ext in ("png", "jpg", "jpeg"):
         if ext in sample:
             return sample[ext]
     raise ShardError(f"sample {sample.get('__key__')!r} ({sample.get('__url__', '?')}) has no png/jpg member "
                      f"(has {sorted(k for k in sample if not k.startswith('_'))})")
+
+
+def is_photo(manifest: dict[str, Any]) -> bool:
+    """Whole photos of any size (imagefolder ``store: photo``), not image_size squares."""
+    image = manifest.get("image")
+    return isinstance(image, dict) and image.get("storage") == "photo"
 
 
 def decode_sample(sample: dict[str, Any], channels: int, labels: Sequence[str] = ()) -> tuple[torch.Tensor, dict[str, int]]:
@@ -77,15 +87,20 @@ def decode_sample(sample: dict[str, Any], channels: int, labels: Sequence[str] =
 
 
 class _Decode:
-    """Picklable map stage: raw sample -> image | (image, labels) | (key, image, labels)."""
+    """Picklable map stage: raw sample -> image | (image, labels) | (key, image, labels); photo
+    shards give their `fit_square` view at `square` px."""
 
-    def __init__(self, channels: int, labels: Sequence[str], with_labels: bool, with_keys: bool):
+    def __init__(self, channels: int, labels: Sequence[str], with_labels: bool, with_keys: bool,
+                 square: int | None = None):
         self.channels, self.labels = channels, list(labels)
-        self.with_labels, self.with_keys = with_labels, with_keys
+        self.with_labels, self.with_keys, self.square = with_labels, with_keys, square
 
     def __call__(self, src: Iterator[dict[str, Any]]) -> Iterator[Any]:
         for sample in src:
             img, lab = decode_sample(sample, self.channels, self.labels if self.with_labels else ())
+            if self.square is not None:
+                sq = fit_square(img.permute(1, 2, 0).numpy(), self.square)
+                img = torch.from_numpy(np.ascontiguousarray(sq.transpose(2, 0, 1)))
             if self.with_keys:
                 yield sample["__key__"], img, lab
             elif self.with_labels:
@@ -168,6 +183,17 @@ class _SeededShuffle:
             yield buf.pop()
 
 
+class _Expand:
+    """Picklable stage: {"url"} -> the tar's samples, its sha256 checked as it streams (any URL)."""
+
+    def __init__(self, entries: dict[str, dict[str, Any]]):
+        self.entries = entries
+
+    def __call__(self, src: Iterator[dict[str, str]]) -> Iterator[dict[str, Any]]:
+        for item in src:
+            yield from iter_tar_samples(item["url"], self.entries.get(item["url"]))
+
+
 def make_pipeline(shard_dir: str | Path, split: str, *, labels: bool = True, batch_size: int | None = None,
                   shuffle_buffer: int = 0, shardshuffle: bool | None = None, seed: int = 0, epoch: int = 0,
                   rank: int | None = None, world_size: int | None = None, resampled: bool = False,
@@ -191,9 +217,10 @@ def make_pipeline(shard_dir: str | Path, split: str, *, labels: bool = True, bat
     import webdataset as wds
 
     root = shard_root(shard_dir)
-    manifest = verify_shards(root, [split]) if verify else load_manifest(root)
+    manifest = verify_shards(root, [split]) if verify and not is_remote(root) else load_manifest(root)
     info = split_info(manifest, split, root)
-    urls = [str(root / s["name"]) for s in shard_entries(info, root)]
+    entries = {str(root / s["name"]): s for s in shard_entries(info, root)}
+    urls = list(entries)
     if not urls:
         raise ShardError(f"{root}: split {split!r} has no shards (0 samples)")
     rank, world_size = _dist_rank_world(rank, world_size)
@@ -205,11 +232,12 @@ def make_pipeline(shard_dir: str | Path, split: str, *, labels: bool = True, bat
         partial = not resampled
     stages: list[Any] = [
         _ShardList(urls, seed, epoch, rank, world_size, resampled, shardshuffle),
-        wds.tarfile_to_samples(),
+        _Expand(entries),
     ]
     if shuffle_buffer > 0:
         stages.append(_SeededShuffle(shuffle_buffer, seed, epoch, rank))
-    stages.append(_Decode(int(manifest["channels"]), label_names(manifest), labels, with_keys))
+    stages.append(_Decode(int(manifest["channels"]), label_names(manifest), labels, with_keys,
+                          int(manifest["image_size"]) if is_photo(manifest) else None))
     if batch_size is not None:
         stages.append(wds.batched(batch_size, collation_fn=_collate, partial=partial))
     pipe = wds.DataPipeline(*stages)
@@ -247,38 +275,26 @@ def make_loader(shard_dir: str | Path, split: str, *, batch_size: int, num_worke
 
 # ----------------------------------------------------------------------------- in memory
 def iter_split_samples(shard_dir: str | Path, split: str) -> Iterator[dict[str, Any]]:
-    """Raw samples ({"__key__", ext: bytes}) of a split in manifest order, straight from the tars."""
-    for url in split_urls(shard_dir, split):
-        sample: dict[str, Any] | None = None
-        try:
-            with tarfile.open(url, "r:") as tf:
-                for m in tf:
-                    if not m.isfile():
-                        continue
-                    base = m.name.rsplit("/", 1)[-1]
-                    key, _, ext = base.partition(".")
-                    if sample is not None and sample["__key__"] != key:
-                        yield sample
-                        sample = None
-                    if sample is None:
-                        sample = {"__key__": key, "__url__": url}
-                    fh = tf.extractfile(m)
-                    sample[ext] = fh.read() if fh is not None else b""
-        except (tarfile.TarError, OSError) as err:
-            raise ShardError(f"shard {url}: cannot read ({err})") from None
-        if sample is not None:
-            yield sample
+    """Raw samples ({"__key__", ext: bytes}) of a split in manifest order, straight from the tars
+    (local or remote); each shard's sha256 is checked as it streams (ShardError naming it)."""
+    root = shard_root(shard_dir)
+    for entry in shard_entries(split_info(load_manifest(root), split, root), root):
+        yield from iter_tar_samples(root / entry["name"], entry)
 
 
 def load_split(shard_dir: str | Path, split: str, labels: bool = True,
                verify: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The whole split in memory, in shard order: (uint8 [N, C, H, W], {label: LongTensor [N]}).
 
+    Photo shards (``image.storage: photo``) are brought to image_size x image_size by
+    `ijepa.data.photos.fit_square` (shorter side resized, centre square).
+
     The label dict is empty with labels=False or when the dataset has no labels."""
     root = shard_root(shard_dir)
-    manifest = verify_shards(root, [split]) if verify else load_manifest(root)
+    manifest = verify_shards(root, [split]) if verify and not is_remote(root) else load_manifest(root)
     info = split_info(manifest, split, root)
     n, c, size = int(info["samples"]), int(manifest["channels"]), int(manifest["image_size"])
+    photo = is_photo(manifest)
     names = label_names(manifest) if labels else []
     images = np.empty((n, size, size, c), np.uint8)
     labs = {k: np.empty(n, np.int64) for k in names}
@@ -287,6 +303,8 @@ def load_split(shard_dir: str | Path, split: str, labels: bool = True,
         if i >= n:
             raise ShardError(f"{root}: split {split!r} has more samples than the manifest's {n}")
         img = _decode_image(_image_bytes(sample), c)
+        if photo:  # whole photos: the probes' deterministic view
+            img = fit_square(img, size)
         if img.shape != (size, size, c):
             raise ShardError(f"sample {sample['__key__']!r} in {sample['__url__']} is {img.shape}, the manifest "
                              f"says {(size, size, c)}")

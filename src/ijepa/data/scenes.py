@@ -344,6 +344,11 @@ def generate(seed: int, split: str, index: int, size: int = 64, cfg: ScenesConfi
     return img, scene_labels(layout, cfg.depth_bins, geom), layout
 
 
+def _render(seed: int, split: str, size: int, cfg: ScenesConfig, geom: SceneGeometry, index: int):
+    img, labels, _ = generate(seed, split, index, size, cfg, geom)
+    return img, labels
+
+
 def label_schema(cfg: ScenesConfig = ScenesConfig(), geom: SceneGeometry = GEOMETRY) -> dict[str, dict]:
     edges = [geom.near + (geom.closest_max - geom.near) * i / cfg.depth_bins for i in range(cfg.depth_bins + 1)]
     return {
@@ -372,9 +377,11 @@ class ScenesSource:
     def num_samples(self, split: str) -> int:
         return int(self.cfg.sizes[split])
 
-    def iter_split(self, split: str) -> Iterator[Sample]:
-        for i in range(self.num_samples(split)):
-            img, labels, _ = generate(self.seed, split, i, self.image_size, self.cfg, self.geom)
+    parallel = True  # iter_split takes a mapper (the shard writer's process pool)
+
+    def iter_split(self, split: str, mapper=map) -> Iterator[Sample]:
+        work = functools.partial(_render, self.seed, split, self.image_size, self.cfg, self.geom)
+        for i, (img, labels) in enumerate(mapper(work, range(self.num_samples(split)))):
             yield Sample(f"{split}_{i:08d}", img, labels)
 
     def label_schema(self) -> dict[str, dict]:

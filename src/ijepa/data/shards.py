@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import logging
 import os
@@ -86,7 +87,7 @@ def make_source(cfg: ShardConfig) -> Source:
     if cfg.source == "imagefolder":
         from ijepa.data.imagefolder import ImageFolderSource
 
-        return ImageFolderSource(cfg.imagefolder, cfg.size, cfg.seed)
+        return ImageFolderSource(cfg.imagefolder, cfg.size, cfg.seed, cfg.jpeg_quality)
     raise ConfigError(f"ShardConfig.source: unknown source {cfg.source!r}")
 
 
@@ -162,8 +163,10 @@ class _SplitWriter:
 def _encode_sample(s: Sample, cfg: ShardConfig) -> dict[str, Any]:
     import json
 
-    obj: dict[str, Any] = {"__key__": s.key,
-                           cfg.format: encode_image(s.image, cfg.format, cfg.jpeg_quality, cfg.png_compress_level)}
+    if s.encoded is not None:
+        obj: dict[str, Any] = {"__key__": s.key, s.encoded[0]: s.encoded[1]}
+    else:
+        obj = {"__key__": s.key, cfg.format: encode_image(s.image, cfg.format, cfg.jpeg_quality, cfg.png_compress_level)}
     for k, v in s.labels.items():
         obj[k] = str(int(v)).encode("ascii")
     if s.extra:
@@ -250,7 +253,9 @@ def shard_dataset(cfg: ShardConfig | Mapping[str, Any] | None, out_dir: str | os
     preview: list[tuple[str, np.ndarray, dict[str, int]]] = []
     splits_info: dict[str, dict[str, Any]] = {}
     skipped_total: dict[str, int] = {}
+    exts: set[str] = set()
     total = 0
+    pool, mapper = _worker_pool(cfg, source)
     try:
         for split in source.splits():
             cap = cfg.max_samples.get(split)
@@ -260,18 +265,20 @@ def shard_dataset(cfg: ShardConfig | Mapping[str, Any] | None, out_dir: str | os
             if progress:
                 from tqdm.auto import tqdm
 
-                bar = tqdm(total=expected, desc=f"{cfg.name}/{split}", unit="img", dynamic_ncols=True,
-                           mininterval=0.5)
+                bar = tqdm(total=source.num_samples(split), desc=f"{cfg.name}/{split}", unit="file",
+                           dynamic_ncols=True, mininterval=0.5)
             n = 0
             try:
-                it = source.iter_split(split)
+                it = source.iter_split(split, mapper=mapper) if mapper is not None else source.iter_split(split)
                 for sample in (it if cap is None else islice(it, cap)):
                     if len(preview) < cfg.preview and not splits_info:
-                        preview.append((sample.key, sample.image, dict(sample.labels)))
-                    writer.write(_encode_sample(sample, cfg))
+                        preview.append((sample.key, _preview_image(sample, cfg.size), dict(sample.labels)))
+                    obj = _encode_sample(sample, cfg)
+                    exts.update(k for k in ("png", "jpg") if k in obj)
+                    writer.write(obj)
                     n += 1
-                    if bar is not None:
-                        bar.update(1)
+                    if bar is not None:  # files done, written or skipped
+                        bar.update(n + sum(source.skipped(split).values()) - bar.n)
                 if hasattr(it, "close"):
                     it.close()  # a capped source finishes its bookkeeping (skip counts, warnings) now
                 writer.close()
@@ -292,10 +299,13 @@ def shard_dataset(cfg: ShardConfig | Mapping[str, Any] | None, out_dir: str | os
                 "skipped": skipped,
             }
             total += n
-        manifest = _manifest(cfg, source, schema, splits_info, skipped_total)
+        manifest = _manifest(cfg, source, schema, splits_info, skipped_total, sorted(exts))
         new_names = [s["name"] for info in splits_info.values() for s in info["shards"]]
         _swap_in(staging, out_dir, new_names, manifest)
     finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
         shutil.rmtree(staging, ignore_errors=True)
     seconds = time.perf_counter() - t0
     rate = total / seconds if seconds > 0 else 0.0
@@ -305,20 +315,48 @@ def shard_dataset(cfg: ShardConfig | Mapping[str, Any] | None, out_dir: str | os
                        preview=preview, out_dir=out_dir, seconds=seconds, samples=total)
 
 
+def _worker_pool(cfg: ShardConfig, source: Source):
+    """(pool, mapper) for a source that reads/renders in parallel, or (None, None): every core by
+    default; ordered imap, so the shards are the same bytes for any number of processes."""
+    workers = cfg.workers if cfg.workers is not None else len(os.sched_getaffinity(0))
+    if workers <= 1 or not getattr(source, "parallel", False):
+        return None, None
+    import multiprocessing as mp
+
+    # fork: the workers run PIL/numpy only; spawn would re-import torch in each
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
+    pool = ctx.Pool(workers)
+    return pool, functools.partial(pool.imap, chunksize=8)
+
+
+def _preview_image(sample: Sample, size: int) -> np.ndarray:
+    if sample.image is not None:
+        return sample.image
+    from ijepa.data.photos import fit_square
+    from ijepa.data.reader import decode_image
+
+    return fit_square(decode_image(sample.encoded[1], 3), size)
+
+
 def _manifest(cfg: ShardConfig, source: Source, schema: dict[str, Any], splits: dict[str, dict[str, Any]],
-              skipped: dict[str, int]) -> dict[str, Any]:
+              skipped: dict[str, int], exts: list[str]) -> dict[str, Any]:
+    photo = cfg.source == "imagefolder" and cfg.imagefolder.store == "photo"
+    fmt = "+".join(exts) if photo else cfg.format
+    image: dict[str, Any] = {"height": cfg.size, "width": cfg.size, "channels": source.channels,
+                             "mode": "L" if source.channels == 1 else "RGB", "format": fmt,
+                             "jpeg_quality": cfg.jpeg_quality if "jpg" in fmt else None, "dtype": "uint8"}
+    if photo:  # whole photos of any size: image_size is the size they are cropped to when read
+        image.update(storage="photo", height=None, width=None, max_side=cfg.imagefolder.max_side)
     return {
         "format_version": FORMAT_VERSION,
         "dataset": cfg.name,
         "source": cfg.source,
         "image_size": cfg.size,
         "channels": source.channels,
-        "image": {"height": cfg.size, "width": cfg.size, "channels": source.channels,
-                  "mode": "L" if source.channels == 1 else "RGB", "format": cfg.format,
-                  "jpeg_quality": cfg.jpeg_quality if cfg.format == "jpg" else None,
-                  "dtype": "uint8"},
+        "image": image,
         "labels": schema,
-        "keys": ["__key__", cfg.format, *schema.keys()] + (["json"] if cfg.source == "imagefolder" else []),
+        "keys": ["__key__", *(exts if photo else [cfg.format]), *schema.keys()]
+        + (["json"] if cfg.source == "imagefolder" else []),
         "shard_pattern": SHARD_PATTERN,
         "seed": cfg.seed,
         "source_params": source.params(),

@@ -45,7 +45,8 @@ from ijepa.masks import derive_seed
 from ijepa.models import ViTEncoder, set_grad_checkpointing
 from ijepa.precision import autocast_for, resolve_precision
 from ijepa.tracking import NullTracker, Tracker
-from ijepa.train_data import Augmenter, MemoryBatches, StreamBatches, load_train_images
+from ijepa.train_data import Augmenter
+from ijepa.train_input import TrainInput
 from ijepa.trainer.ckpt_writer import CheckpointWriter
 from ijepa.trainer.compiling import resolve_compile
 from ijepa.trainer.logbook import Logbook
@@ -98,7 +99,7 @@ class Trainer(StepMixin, StateMixin):
         self.saved_step: int | None = None
         self.batches_seen = 0
         self._data_iter = None
-        self._data_epoch: int | None = None
+        self._data_next: int | None = None  # the step the data iterator yields next
 
     # -- build ---------------------------------------------------------------------------
     def build(self) -> None:
@@ -118,8 +119,9 @@ class Trainer(StepMixin, StateMixin):
         self.local_batch = self.global_batch // self.dist.world_size
         self.accum_steps = o.accum_steps
         self.micro_batch = self.local_batch // self.accum_steps
-        self.data_mode = self._data_mode()
-        self.reader = self._build_reader()
+        self.input = TrainInput(cfg, self.shards, self.plan.masker, self.global_batch, self.dist.rank,
+                                self.dist.world_size, self.device)  # reader + loader workers (images, masks)
+        self.data_mode, self.reader = self.input.mode, self.input.reader
         self.steps_per_epoch = self.reader.steps_per_epoch
         self.total_steps = o.total_steps if o.total_steps is not None else o.epochs * self.steps_per_epoch
         self.schedules = build_schedules(cfg, self.total_steps, self.steps_per_epoch)
@@ -139,24 +141,6 @@ class Trainer(StepMixin, StateMixin):
         if self.compiled:
             self.train_module = torch.compile(self.train_module, backend=self.compile_backend)
             self.method.compile(self.compile_backend)
-
-    def _data_mode(self) -> str:
-        d = self.cfg.data
-        if d.mode != "auto":
-            return d.mode
-        return "memory" if self.shards.train_bytes <= d.memory_limit_mb * 2 ** 20 else "stream"
-
-    def _build_reader(self):
-        cfg, r, w = self.cfg, self.dist.rank, self.dist.world_size
-        if self.data_mode == "memory":
-            images = load_train_images(self.shards)
-            expect = (self.shards.channels, self.shards.image_size, self.shards.image_size)
-            if tuple(images.shape[1:]) != expect:
-                raise ConfigError(f"{self.shards.root}: train images are {tuple(images.shape[1:])}, "
-                                  f"the manifest says {expect}")
-            return MemoryBatches(images, self.global_batch, r, w, cfg.seed)
-        return StreamBatches(self.shards, self.global_batch, r, w, cfg.seed, cfg.num_workers,
-                             cfg.data.shuffle_buffer)
 
     def derived(self) -> dict[str, Any]:
         return {"img_size": self.shards.image_size, "in_chans": self.shards.channels,

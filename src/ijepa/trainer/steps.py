@@ -25,32 +25,17 @@ def mask_rows(m: Masks, lo: int, hi: int) -> Masks:
                  context_valid=None if m.context_valid is None else m.context_valid[:, lo:hi])
 
 
-def _split_batch(batch: Any) -> tuple[torch.Tensor, Masks | None]:
-    """A reader's batch: uint8 images, or (images, masks) / an object with `.images` and
-    `.masks` when the data pipeline draws the masks itself (this rank's rows, this step's)."""
-    if isinstance(batch, torch.Tensor):
-        return batch, None
-    if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[1], Masks):
-        return batch[0], batch[1]
-    if hasattr(batch, "images") and hasattr(batch, "masks"):
-        return batch.images, batch.masks
-    raise TypeError(f"a data batch must be an image tensor or (images, Masks), got {type(batch).__name__}")
-
-
 class StepMixin:
     # -- inputs ------------------------------------------------------------------------
     def next_batch(self, step: int) -> tuple[torch.Tensor, Masks | None]:
-        """data: this rank's batch for global iteration `step`, augmented, float [0, 1], and
-        its masks when the data pipeline provides them."""
-        epoch, k = divmod(step, self.steps_per_epoch)
-        if self._data_epoch != epoch or self._data_iter is None:
-            self._data_iter = iter(self.reader.batches(epoch, k))
-            self._data_epoch = epoch
-        raw, masks = _split_batch(next(self._data_iter))
+        """data + masks: this rank's (images float [0, 1], masks) of global iteration `step` on the
+        device, from the loader workers (ijepa.train_input), which prepare the next steps meanwhile."""
+        if self._data_iter is None or self._data_next != step:  # first call, or a jump
+            self._data_iter = self.input.batches(step, self.total_steps)
+        images, masks = next(self._data_iter)
+        self._data_next = step + 1
         self.batches_seen += 1
-        if self.device.type == "cuda" and not raw.is_pinned():
-            raw = raw.pin_memory()  # the copy below is then asynchronous
-        return self.augment(raw, step, self.device), masks
+        return self.input.to_device(images, masks)
 
     def next_images(self, step: int) -> torch.Tensor:
         return self.next_batch(step)[0]
