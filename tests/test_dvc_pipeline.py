@@ -7,6 +7,7 @@ pretraining resumes from the last checkpoint and marks the killed run KILLED.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -351,6 +352,10 @@ def test_mlflow_compare_page_shows_the_mask_parameter_beside_probe_metrics(proje
             WebDriverWait(driver, 15, poll_frequency=0.25).until(lambda d: params_shown(d) == ["pretrain.masks.npred"])
         except TimeoutException:
             pytest.fail(f"diff-only parameters: {params_shown(driver)}")
+        # cosmetic, not asserted: let the parallel-coordinates plot draw before the screenshot
+        with contextlib.suppress(TimeoutException):
+            WebDriverWait(driver, 10, poll_frequency=0.25).until(
+                lambda d: d.find_elements("css selector", ".js-plotly-plot .parcoords, .js-plotly-plot svg"))
         shot = tmp_path / "mlflow_compare.png"
         assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
         target = os.environ.get("IJEPA_SAVE_COMPARE_SCREENSHOT")

@@ -17,6 +17,9 @@ from ijepa.tracking import log_shards_input, pretraining_params
 from ijepa.viz.probes import plot_confusion, plot_probe_bars
 from ijepa.params import probe_mapping
 
+log = logging.getLogger(__name__)
+ENCODER_ARTIFACT_MAX_MB = 200  # larger (imported ViT-H ...) encoders are not copied into every probe run
+
 
 def probe(params: dict[str, Any], dataset: str, encoder: Path, shards: Path, cache: Path
           ) -> tuple[dict, dict, list, dict, Any, Any]:
@@ -75,10 +78,6 @@ def _source_tags(encoder_path: Path, adaptation: dict | None) -> dict[str, str]:
     return tags
 
 
-log = logging.getLogger(__name__)
-ENCODER_ARTIFACT_MAX_MB = 200  # larger (imported ViT-H ...) encoders are not copied into every probe run
-
-
 def _comparable_row(encoder_path: Path, shards: Path, encoder_sha: str) -> None:
     """What makes the probe run comparable with another in the MLflow compare view: the encoder's
     pretraining parameters next to the probe metrics, its shards and encoder, its pretrain run."""
@@ -102,4 +101,3 @@ def _comparable_row(encoder_path: Path, shards: Path, encoder_sha: str) -> None:
             mlflow.set_tag("input.pretrain_run_id", found[0].info.run_id)
     except Exception as err:  # noqa: BLE001
         log.warning("probe run: could not log the shards input / encoder artifact / pretrain run: %s", err)
-

@@ -248,9 +248,8 @@ def end_run(tracker: MlflowTracker, status: str = "FINISHED") -> None:
 def log_shards_input(shard_dir: str | os.PathLike, context: str) -> None:
     """The shard folder as the active run's dataset input (`mlflow.log_input`): name
     "<dataset>-shards", digest = the start of manifest.json's sha256, the per-split sample counts
-    in the dataset's profile; so the UI's Datasets column shows which shards a run read."""
+    as the input's tag `samples`; so the UI's Datasets column shows which shards a run read."""
     import json
-
     import warnings
 
     import mlflow

@@ -55,9 +55,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _mlflow_tracking_uri(path: str | Path = "conf/base/mlflow.yml") -> str | None:
     """kedro-mlflow's `server.mlflow_tracking_uri`, for a worker started outside Kedro."""
-    import yaml
-
     import os
+
+    import yaml
 
     p = Path(path)
     if not p.is_file():
