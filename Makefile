@@ -61,14 +61,14 @@ $(VENV)/.installed: requirements.txt pyproject.toml tools/uv_args.py
 # Test-only extras (pytest, selenium), a stamp of their own: `make run` never installs them, and a
 # change of requirements-test.txt re-runs only this step. Order-only on the runtime stamp: the
 # venv must exist first, but a runtime re-install does not force this one again.
-$(VENV)/.installed-test: requirements-test.txt | $(VENV)/.installed
+$(VENV)/.installed-test: requirements-test.txt requirements-ui.txt | $(VENV)/.installed
 	$(call install,requirements-test.txt)
 	touch $@
 
 # The browser UIs beside MLflow's (kedro-viz, optuna-dashboard), installed on demand by `make viz` /
 # `make tune-ui` (and `make test`, through requirements-test.txt), never by `make run`.
 $(VENV)/.installed-ui: requirements-ui.txt | $(VENV)/.installed
-	$(PY) -m pip install -q -r requirements-ui.txt
+	$(call install,requirements-ui.txt)
 	touch $@
 
 # Real images for the default job: Debian's dataset-fashion-mnist (no download at run time).
