@@ -14,14 +14,16 @@ export DVC_NO_ANALYTICS := 1
 export MPLBACKEND := Agg
 export PATH := $(BIN):$(PATH)
 
-.PHONY: run run-full test setup fashion-mnist ui tune apply-best bench gpu-check clean-outputs help
+.PHONY: run run-full test setup fashion-mnist ui viz tune tune-ui apply-best bench gpu-check clean-outputs help
 
 help:
 	@echo "make run    set up, then 'dvc repro': shard -> pretrain -> probe for scenes and fashion_mnist"
 	@echo "make run-full  the longer, higher-quality job (conf/full) -> data/full/, outside DVC"
 	@echo "make test   set up, then run the test suite"
 	@echo "make ui     MLflow UI on http://127.0.0.1:5000"
+	@echo "make viz    kedro-viz (the pipelines) on http://127.0.0.1:4141"
 	@echo "make tune   Optuna mask-ratio search (opt-in);  make apply-best  hands the winner to dvc repro"
+	@echo "make tune-ui  optuna-dashboard of the study on http://127.0.0.1:8080"
 	@echo "make bench  speed and quality benchmarks -> benchmarks/RESULTS.md"
 	@echo "make gpu-check  GPU train-step figures (MFU, memory, compile) -> the gpu section of RESULTS.md; < 5 min"
 
@@ -60,8 +62,14 @@ $(VENV)/.installed: requirements.txt pyproject.toml tools/uv_args.py
 # Test-only extras (pytest, selenium), a stamp of their own: `make run` never installs them, and a
 # change of requirements-test.txt re-runs only this step. Order-only on the runtime stamp: the
 # venv must exist first, but a runtime re-install does not force this one again.
-$(VENV)/.installed-test: requirements-test.txt | $(VENV)/.installed
+$(VENV)/.installed-test: requirements-test.txt requirements-ui.txt | $(VENV)/.installed
 	$(call install,requirements-test.txt)
+	touch $@
+
+# The browser UIs beside MLflow's (kedro-viz, optuna-dashboard), installed on demand by `make viz` /
+# `make tune-ui` (and `make test`, through requirements-test.txt), never by `make run`.
+$(VENV)/.installed-ui: requirements-ui.txt | $(VENV)/.installed
+	$(call install,requirements-ui.txt)
 	touch $@
 
 # Real images for the default job: Debian's dataset-fashion-mnist (no download at run time).
@@ -94,8 +102,19 @@ test: setup $(VENV)/.installed-test
 ui: setup
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
 
+# kedro-viz: the shard / pretrain / probe / tune pipelines, their nodes, datasets and parameters.
+VIZ_PORT ?= 4141
+viz: setup $(VENV)/.installed-ui
+	kedro viz run --host 127.0.0.1 --port $(VIZ_PORT) --no-browser
+
 tune: setup
 	kedro run --pipeline tune --params dataset=$${DATASET:-fashion_mnist}
+
+# optuna-dashboard on the study's storage (tune.storage: data/07_tune/optuna.db by default).
+TUNE_STORAGE ?= sqlite:///data/07_tune/optuna.db
+TUNE_UI_PORT ?= 8080
+tune-ui: setup $(VENV)/.installed-ui
+	optuna-dashboard $(TUNE_STORAGE) --host 127.0.0.1 --port $(TUNE_UI_PORT)
 
 apply-best: setup
 	$(PY) -m ijepa.tune apply-best --dataset $${DATASET:-fashion_mnist}

@@ -79,7 +79,7 @@ def test_imported_encoder_through_the_probe_pipeline(project):
     _run(["kedro", "run", "--pipeline", "probe", "--params", "dataset=fashion_mnist,probe.encoder_path=models/vit"],
          project)
 
-    probes = json.loads((project / "data/08_reporting/fashion_mnist/probes.json").read_text())
+    probes = json.loads((project / "reports/fashion_mnist/probes.json").read_text())
     assert probes["encoder_sha256"] == file_sha256(project / "models/vit/encoder.safetensors")
     assert probes["input_adaptation"]["from"] == [1, 28, 28] and probes["input_adaptation"]["to"] == [3, 56, 56]
     assert {"ijepa", "random_init", "pixels"} <= set(probes["probes"]["linear"])

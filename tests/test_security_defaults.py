@@ -86,6 +86,10 @@ def test_servers_bind_loopback_by_default():
     make = (ROOT / "Makefile").read_text()
     ui = [line for line in make.splitlines() if re.search(r"\bmlflow (ui|server)\b", line)]
     assert ui and all("--host 127.0.0.1" in line for line in ui), ui
+    # make viz (kedro-viz) and make tune-ui (optuna-dashboard)
+    for server in (r"\bkedro viz run\b", r"^\s*optuna-dashboard\b"):
+        lines = [line for line in make.splitlines() if re.search(server, line)]
+        assert lines and all("--host 127.0.0.1" in line for line in lines), (server, lines)
     mlflow_conf = yaml.safe_load((ROOT / "conf/base/mlflow.yml").read_text())
     assert mlflow_conf["ui"]["host"] == "127.0.0.1"
     # the servers the tests start, and the README commands that start one

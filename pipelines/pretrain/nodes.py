@@ -1,6 +1,7 @@
 """Pretrain stage: the library's trainer on the shards (ijepa.trainer), resuming from checkpoints."""
 from __future__ import annotations
 
+import logging
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from ijepa.data import make_pipeline
 from ijepa.export import file_sha256
 from ijepa.masks import make_generator
 from ijepa.params import pretrain_mapping
-from ijepa.tracking import default_tracker
+from ijepa.tracking import default_tracker, log_shards_input
 from ijepa.trainer import TrainPlan, prepare, retire_stale_checkpoints, train
 from ijepa.viz.masks import plot_masks
 
@@ -42,6 +43,10 @@ def pretrain(plan: TrainPlan, model_dir: Path, reporting_dir: Path) -> tuple[dic
     # The exported encoder as a run artifact (README: load it with one line from the UI's run id):
     # ijepa.load_encoder(mlflow.artifacts.download_artifacts(run_id=RUN_ID, artifact_path="encoder"))
     mlflow.log_artifacts(str(encoder_dir), artifact_path="encoder")
+    try:  # the shards as the run's dataset input (UI: Datasets); tracking extras never fail the stage
+        log_shards_input(plan.shards.root, context="pretrain")
+    except Exception as err:  # noqa: BLE001
+        logging.getLogger(__name__).warning("pretrain run: could not log the shards as dataset input: %s", err)
     keep = ("steps", "epochs", "final_loss", "img_per_s", "collapse_warnings", "resumed_from_step",
             "world_size", "global_batch", "precision", "device", "encoder_params", "predictor_params",
             "manifest_sha256")

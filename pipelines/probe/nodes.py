@@ -1,6 +1,11 @@
-"""Probe stage: linear / low-shot / count / depth on the frozen target encoder (ijepa.probes)."""
+"""Probe stage: linear / low-shot / count / depth on the frozen target encoder (ijepa.probes).
+
+Its MLflow run is the dataset's comparable row: beside the probe metrics it carries the encoder's
+pretraining parameters (`pretrain.*`, from encoder.json), the shards as its dataset input, the
+encoder as an artifact and the id of the pretrain run that wrote it."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -8,8 +13,12 @@ import mlflow
 
 from ijepa.export import read_encoder_info
 from ijepa.probes import run_probes
+from ijepa.tracking import log_shards_input, pretraining_params
 from ijepa.viz.probes import plot_confusion, plot_probe_bars
 from ijepa.params import probe_mapping
+
+log = logging.getLogger(__name__)
+ENCODER_ARTIFACT_MAX_MB = 200  # larger (imported ViT-H ...) encoders are not copied into every probe run
 
 
 def probe(params: dict[str, Any], dataset: str, encoder: Path, shards: Path, cache: Path
@@ -23,6 +32,7 @@ def probe(params: dict[str, Any], dataset: str, encoder: Path, shards: Path, cac
                          for name, row in metrics["probes"].items()}
     mlflow.set_tags({"input.encoder_sha256": metrics["encoder_sha256"], "input.encoder_path": str(encoder_path),
                      **_source_tags(encoder_path, metrics.get("input_adaptation"))})
+    _comparable_row(encoder_path, Path(shards), metrics["encoder_sha256"])
     table, flat = [], {}
     for name, row in metrics["probes"].items():
         for model, value in row.items():
@@ -66,3 +76,28 @@ def _source_tags(encoder_path: Path, adaptation: dict | None) -> dict[str, str]:
         tags["input.adaptation"] = (f"{adaptation['from']} -> {adaptation['to']}, resize: {adaptation['resize']}, "
                                     f"replicate channels: {adaptation['replicate_channels']}")
     return tags
+
+
+def _comparable_row(encoder_path: Path, shards: Path, encoder_sha: str) -> None:
+    """What makes the probe run comparable with another in the MLflow compare view: the encoder's
+    pretraining parameters next to the probe metrics, its shards and encoder, its pretrain run."""
+    params = pretraining_params(read_encoder_info(encoder_path))
+    if params:
+        mlflow.log_params(params)
+    else:
+        mlflow.set_tag("pretrain.params", "none: the encoder's encoder.json has no pretraining config (imported?)")
+    try:  # tracking extras: a failure here is a warning, never a lost probe result
+        log_shards_input(shards, context="probe")
+        size_mb = sum(f.stat().st_size for f in encoder_path.glob("encoder.*")) / 2**20
+        if size_mb <= ENCODER_ARTIFACT_MAX_MB:
+            mlflow.log_artifacts(str(encoder_path), artifact_path="encoder")
+        else:
+            mlflow.set_tag("encoder_artifact", f"not logged: {size_mb:.0f} MB > {ENCODER_ARTIFACT_MAX_MB} MB")
+        run = mlflow.active_run()
+        found = mlflow.MlflowClient().search_runs(
+            [run.info.experiment_id], f"tags.`output.encoder_sha256` = '{encoder_sha}'",
+            order_by=["attributes.start_time DESC"], max_results=1)
+        if found:
+            mlflow.set_tag("input.pretrain_run_id", found[0].info.run_id)
+    except Exception as err:  # noqa: BLE001
+        log.warning("probe run: could not log the shards input / encoder artifact / pretrain run: %s", err)

@@ -12,6 +12,8 @@
   run) and terminated with a status, for callers that own runs outside the fluent run stack
   (the Optuna study: one parent run, one child run per trial). `active_run_id()` and
   `resolve_tracking_uri()` read the caller's MLflow state without changing it.
+- `log_shards_input`: the shards as a run's dataset input; `pretraining_params`: an encoder's
+  pretraining parameters as `pretrain.*` params (the probe run: one comparable row per run).
 """
 from __future__ import annotations
 
@@ -23,7 +25,8 @@ from typing import Any, Mapping, Protocol, runtime_checkable
 
 __all__ = ["Tracker", "NullTracker", "RecordingTracker", "MlflowTracker", "tracker_from_env",
            "flatten_params", "default_tracker",
-           "create_run", "end_run", "active_run_id", "resolve_tracking_uri", "RUN_STATUSES"]
+           "create_run", "end_run", "active_run_id", "resolve_tracking_uri", "RUN_STATUSES",
+           "log_shards_input", "pretraining_params"]
 
 log = logging.getLogger(__name__)
 
@@ -213,8 +216,11 @@ def create_run(*, tracking_uri: str | None = None, experiment: str | None = None
     """
     from mlflow.tracking import MlflowClient
 
+    from ijepa.stale_runs import PROCESS_TAG, process_tag
+
     client = MlflowClient(tracking_uri=tracking_uri)
-    all_tags = {k: str(v) for k, v in (tags or {}).items()}
+    # who writes the run: a later start ends it when this process is killed (ijepa.stale_runs)
+    all_tags = {PROCESS_TAG: process_tag(), **{k: str(v) for k, v in (tags or {}).items()}}
     if parent_run_id:
         all_tags[PARENT_TAG] = parent_run_id
     if experiment is None:
@@ -237,3 +243,47 @@ def end_run(tracker: MlflowTracker, status: str = "FINISHED") -> None:
     if status not in RUN_STATUSES:
         raise ValueError(f"status must be one of {RUN_STATUSES}, got {status!r}")
     tracker.client.set_terminated(tracker.run_id, status)
+
+
+def log_shards_input(shard_dir: str | os.PathLike, context: str) -> None:
+    """The shard folder as the active run's dataset input (`mlflow.log_input`): name
+    "<dataset>-shards", digest = the start of manifest.json's sha256, the per-split sample counts
+    as the input's tag `samples`; so the UI's Datasets column shows which shards a run read."""
+    import json
+    import warnings
+
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    from ijepa.hashing import file_sha256
+
+    root = Path(shard_dir)
+    manifest = json.loads((root / "manifest.json").read_text())
+    name = f"{manifest.get('dataset') or root.name}-shards"
+    with warnings.catch_warnings():  # a local folder fits two of MLflow's equivalent local sources
+        warnings.simplefilter("ignore")
+        source = resolve_dataset_source(root.resolve().as_uri())
+    ds = MetaDataset(source, name=name, digest=file_sha256(root / "manifest.json")[:32])
+    counts = {s: info.get("samples") for s, info in (manifest.get("splits") or {}).items()}
+    mlflow.log_input(ds, context=context, tags={"samples": json.dumps(counts)})
+
+
+def pretraining_params(encoder_info: Mapping[str, Any]) -> dict[str, str]:
+    """The pretraining parameters of an exported encoder (its encoder.json's metadata: the
+    resolved PretrainConfig and the steps it ran) as flat `pretrain.*` params, so a probe run
+    can be compared by what its encoder was trained with; {} for encoders without them (imported)."""
+    meta = encoder_info.get("metadata") or {}
+    cfg = meta.get("config")
+    if not isinstance(cfg, Mapping):
+        return {}
+    keep = {k: cfg[k] for k in ("method", "model", "masks", "optimisation", "loss", "seed", "precision")
+            if k in cfg}
+    if meta.get("step") is not None:
+        keep["steps"] = meta["step"]
+    if meta.get("dataset"):
+        keep["dataset"] = meta["dataset"]
+    enc = encoder_info.get("encoder") or {}
+    keep["encoder"] = {k: enc[k] for k in ("img_size", "patch_size", "embed_dim", "depth", "num_heads") if k in enc}
+    # unset fields (a preset decides them, and `pretrain.encoder.*` says what it decided) stay out
+    return {k: v for k, v in flatten_params(keep, "pretrain.").items() if v != "None"}

@@ -1,8 +1,10 @@
-"""Lineage tags on every MLflow run: git commit, DVC stage, dataset, pipeline.
+"""Lineage tags on every MLflow run: git commit, DVC stage and experiment, dataset, pipeline.
 
 kedro-mlflow opens the run in its own before_pipeline_run hook; tags are set at the first
 node, when the run is certainly active. Stage-specific hashes (shard manifest, encoder)
-are tagged by the nodes that know them.
+are tagged by the nodes that know them. The run also gets the tag `process` (host, pid, start
+time), and runs of this experiment left RUNNING by a process that is gone (a killed stage) are
+marked KILLED then (ijepa.stale_runs).
 """
 from __future__ import annotations
 
@@ -58,6 +60,10 @@ class LineageHooks:
         if env in ("local", "base"):  # dvc.yaml runs the default environment only
             # Same name as the DVC foreach stage that runs this pipeline (dvc.yaml).
             self._tags["dvc_stage"] = f"{pipeline}@{dataset}" if dataset else str(pipeline)
+        # `dvc exp run` (also queued): the experiment's name and baseline commit, as `dvc exp show` lists them
+        for tag, var in (("dvc_exp", "DVC_EXP_NAME"), ("dvc_exp_baseline", "DVC_EXP_BASELINE_REV")):
+            if os.environ.get(var):
+                self._tags[tag] = os.environ[var]
         self._tagged = False
 
     @hook_impl
@@ -66,6 +72,13 @@ class LineageHooks:
             return
         import mlflow
 
-        if mlflow.active_run() is not None:
-            mlflow.set_tags(self._tags)
+        run = mlflow.active_run()
+        if run is not None:
+            from ijepa.stale_runs import PROCESS_TAG, mark_dead_runs, process_tag
+
+            mlflow.set_tags({**self._tags, PROCESS_TAG: process_tag()})
             self._tagged = True
+            try:
+                mark_dead_runs(mlflow.MlflowClient(), [run.info.experiment_id], exclude=[run.info.run_id])
+            except Exception as err:  # noqa: BLE001 - tidying old runs must never stop a stage
+                log.warning("could not check for MLflow runs left RUNNING by killed stages: %s", err)

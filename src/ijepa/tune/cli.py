@@ -55,12 +55,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def _mlflow_tracking_uri(path: str | Path = "conf/base/mlflow.yml") -> str | None:
     """kedro-mlflow's `server.mlflow_tracking_uri`, for a worker started outside Kedro."""
+    import os
+
     import yaml
 
     p = Path(path)
     if not p.is_file():
         return None
-    return ((yaml.safe_load(p.read_text()) or {}).get("server") or {}).get("mlflow_tracking_uri")
+    uri = ((yaml.safe_load(p.read_text()) or {}).get("server") or {}).get("mlflow_tracking_uri")
+    # the Kedro resolver ${tracking_root:} of mlflow.yml (ijepa_kedro.settings.tracking_root)
+    return uri.replace("${tracking_root:}", os.environ.get("DVC_ROOT") or ".") if isinstance(uri, str) else uri
 
 
 def _machine_index() -> int:

@@ -43,6 +43,28 @@ def start_trial_run(tracking_uri: str | None, parent_run_id: str, number: int, s
                       params={f"trial.{k}": v for k, v in params.items()})
 
 
+def end_orphan_trial_runs(study, tracking_uri: str | None, parent_run_id: str) -> list[str]:
+    """End the trial runs of this study's parent that were left RUNNING by a killed worker: those
+    whose trial Optuna no longer runs (the heartbeat failed it: FAILED; PRUNED: KILLED) and those
+    of this host whose process is gone (KILLED). Returns their ids."""
+    from mlflow.tracking import MlflowClient
+
+    from ijepa.stale_runs import STALE_TAG, mark_dead_runs, running_runs
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_run(parent_run_id).info.experiment_id
+    states = {str(t.number): t.state.name for t in study.get_trials(deepcopy=False)}
+    ended = []
+    for run in running_runs(client, [exp], f"tags.`mlflow.parentRunId` = '{parent_run_id}'"):
+        state = states.get(run.data.tags.get("optuna.trial", ""), "RUNNING")
+        if state != "RUNNING":
+            client.set_tag(run.info.run_id, STALE_TAG, f"trial is {state} in the study, its run was left RUNNING")
+            client.set_tag(run.info.run_id, "trial_state", state)
+            client.set_terminated(run.info.run_id, RUN_STATUS.get(state, "FAILED"))
+            ended.append(run.info.run_id)
+    return ended + mark_dead_runs(client, [exp], exclude=ended)
+
+
 def finish_trial_run(run: MlflowTracker, state: str, value: float | None = None, reason: str | None = None) -> None:
     with contextlib.suppress(Exception):  # tracking problems must not change the trial's outcome
         if value is not None:
@@ -84,6 +106,9 @@ class Objective:
         trial.set_user_attr("masks", masks)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # who ran it (several machines)
         out = self.work_dir / self.cfg.name / f"trial-{trial.number:05d}"
+        if self.parent_run_id:
+            with contextlib.suppress(Exception):  # tidying old runs must never fail a trial
+                end_orphan_trial_runs(trial.study, self.tracking_uri, self.parent_run_id)
         run = (start_trial_run(self.tracking_uri, self.parent_run_id, trial.number, self.cfg.name, params)
                if self.parent_run_id else None)
         tracker: Tracker = run if run is not None else NullTracker()
