@@ -176,7 +176,7 @@ def run_suite(device: str = "cuda", quick: bool = False, budget_s: float = 270.0
             continue
         kw: dict[str, Any] = dict(preset=preset, batch_size=batch, compiled=compiled, device=device)
         if quick:
-            kw.update(batch_size=4, img_size=32, steps=2, warmup=1,
+            kw.update(batch_size=4, img_size=64, steps=2, warmup=1,
                       overrides={"encoder": {"embed_dim": 32, "depth": 2, "num_heads": 2},
                                  "predictor": {"embed_dim": 16, "depth": 1, "num_heads": 2}})
         try:
