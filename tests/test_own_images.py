@@ -67,6 +67,6 @@ def test_own_photos_shard_pretrain_vit_b16_at_224_probe(tmp_path):
     assert summary["steps"] == 2 and summary["img_size"] == 224 and summary["grid"] == [14, 14]
     enc = json.loads(next(run.rglob("encoder.json")).read_text())
     assert enc["encoder"]["embed_dim"] == 768 and enc["encoder"]["depth"] == 12  # vit_b16
-    probes = json.loads((project / "data/08_reporting/imagefolder/probes.json").read_text())
+    probes = json.loads((project / "reports/imagefolder/probes.json").read_text())
     flat = json.dumps(probes)
     assert "linear" in flat and "ijepa" in flat and "pixels" in flat
