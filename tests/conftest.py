@@ -158,3 +158,22 @@ def postgres():
         pytest.skip(reason)
     with postgres_cluster() as pg:
         yield pg
+
+
+@pytest.fixture
+def nan_loss_at(monkeypatch):
+    """nan_loss_at(n): the I-JEPA loss turns NaN at its n-th call (n-th training step, 1-based)."""
+    from ijepa.methods import ijepa as ijepa_method
+
+    def install(n: int) -> None:
+        real = ijepa_method.jepa_loss
+        calls = {"n": 0}
+
+        def patched(pred, target, kind="l2"):
+            calls["n"] += 1
+            loss = real(pred, target, kind)
+            return loss * float("nan") if calls["n"] == n else loss
+
+        monkeypatch.setattr(ijepa_method, "jepa_loss", patched)
+
+    return install

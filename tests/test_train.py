@@ -181,16 +181,8 @@ def test_loss_decreases_and_outputs(shards, tmp_path):
     assert again["resumed_from_step"] == 40 and LossHistory.read_csv(csv_path) == rows
 
 
-def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(shards, tmp_path, monkeypatch):
-    real = ijepa_method.jepa_loss
-    calls = {"n": 0}
-
-    def nan_at_step_7(pred, target, kind="l2"):
-        calls["n"] += 1
-        loss = real(pred, target, kind)
-        return loss * float("nan") if calls["n"] == 7 else loss
-
-    monkeypatch.setattr(ijepa_method, "jepa_loss", nan_at_step_7)
+def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(shards, tmp_path, nan_loss_at):
+    nan_loss_at(7)
     tracker = RecordingTracker()
     with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 7 of 12.*ckpt-00000004\.pt"):
         run_pretraining(tiny_config(), shards, tmp_path / "run", tracker=tracker)

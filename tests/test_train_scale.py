@@ -143,18 +143,8 @@ def test_nothing_read_from_tensors_between_log_steps(shards, tmp_path, monkeypat
     assert [int(r["step"]) for r in tr.history.rows] == [5, 10]
 
 
-def test_nan_is_caught_before_the_next_checkpoint(shards, tmp_path, monkeypatch):
-    from ijepa.methods import ijepa as ijepa_method
-
-    real = ijepa_method.jepa_loss
-    calls = {"n": 0}
-
-    def nan_at_step_7(pred, target, kind="l2"):
-        calls["n"] += 1
-        loss = real(pred, target, kind)
-        return loss * float("nan") if calls["n"] == 7 else loss
-
-    monkeypatch.setattr(ijepa_method, "jepa_loss", nan_at_step_7)
+def test_nan_is_caught_before_the_next_checkpoint(shards, tmp_path, nan_loss_at):
+    nan_loss_at(7)
     # losses read at 5 (log) and 6 (checkpoint), then at 9 (checkpoint): the NaN of step 7 stops
     # the run there, before the step-9 checkpoint
     cfg = tiny_config(optimisation={"total_steps": 12}, log_every=5, checkpoint_every=3)
