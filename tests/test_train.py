@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from ijepa import checkpoint as ckpt
-from ijepa.methods import ijepa as ijepa_method
 from ijepa.config import ConfigError
 from ijepa.export import load_encoder
 from ijepa.masks import MaskConfig, MaskGenerator, make_generator
