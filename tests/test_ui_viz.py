@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 from selenium.common.exceptions import TimeoutException
 from selenium.webdriver.support.ui import WebDriverWait
 
-from ui_helpers import _stop, browser_missing, chromium_driver, free_port, page_text, wait_http_ok
+from ui_helpers import browser_missing, chromium_driver, page_text, served
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
@@ -33,22 +32,15 @@ def viz(tmp_path: Path):
     if reason:
         pytest.skip(reason)
     pytest.importorskip("kedro_viz", reason="kedro-viz not installed: pip install -r requirements-ui.txt")
-    port = free_port()
     env = {**os.environ, "KEDRO_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1", "MPLBACKEND": "Agg",
            "PYTHONPATH": str(ROOT / "src")}
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    log = open(tmp_path / "viz.log", "wb")
-    proc = subprocess.Popen(["kedro", "viz", "run", "--host", "127.0.0.1", "--port", str(port), "--no-browser"],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        try:
-            wait_http_ok(f"http://127.0.0.1:{port}/api/main", 120, proc)
-        except Exception as err:
-            pytest.fail(f"kedro viz did not start: {err}\n{(tmp_path / 'viz.log').read_text(errors='replace')[-3000:]}")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        _stop(proc)
-        log.close()
+    # the command `make viz` runs; a port taken between finding and binding it is retried
+    command = lambda port: ["kedro", "viz", "run", "--host", "127.0.0.1", "--port", str(port),  # noqa: E731
+                            "--no-browser"]
+    with served(command, "/api/main", tmp_path / "viz.log", name="kedro viz", cwd=ROOT, env=env,
+                ready_timeout=120) as base:
+        yield base
 
 
 def test_kedro_viz_shows_the_shard_pretrain_and_probe_pipelines(viz, tmp_path):

@@ -22,7 +22,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -93,7 +93,7 @@ def free_port() -> int:
 
 
 class ServerExited(RuntimeError):
-    """`mlflow server` died before it became ready (e.g. its port was taken meanwhile)."""
+    """A server died before it became ready (e.g. its port was taken meanwhile)."""
 
 
 def wait_http_ok(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
@@ -102,7 +102,7 @@ def wait_http_ok(url: str, timeout: float, proc: subprocess.Popen | None = None)
     last: object = None
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise ServerExited(f"mlflow server exited early with code {proc.returncode}")
+            raise ServerExited(f"the server exited early with code {proc.returncode}")
         try:
             with urllib.request.urlopen(url, timeout=2) as r:
                 if r.status == 200:
@@ -129,38 +129,50 @@ def _stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
 
 
 @contextlib.contextmanager
-def mlflow_server(backend_store_uri: str, workdir: Path, ready_timeout: float = 45.0,
-                  attempts: int = 3) -> Iterator[str]:
-    """Run `mlflow server` on a free 127.0.0.1 port; yield its base URL; always stop it.
+def served(command: Callable[[int], list[str]], ready_path: str, log_path: Path, *, name: str,
+           cwd: Path | None = None, env: dict[str, str] | None = None, ready_timeout: float = 45.0,
+           attempts: int = 3) -> Iterator[str]:
+    """Run a local web server (`command(port)`) on a free 127.0.0.1 port until `ready_path`
+    answers 200; yield its base URL; always stop it (its whole process group).
 
     The free port is found by binding port 0 and closing it, so another process can grab it
     before the server binds: an early exit is retried on a new port (`attempts` times).
     """
-    env = {**os.environ, "DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    log_path = workdir / "mlflow_server.log"
     for attempt in range(1, attempts + 1):
         port = free_port()
-        cmd = [sys.executable, "-m", "mlflow", "server",
-               "--backend-store-uri", backend_store_uri,
-               "--default-artifact-root", (workdir / "artifacts").as_uri(),
-               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
         with open(log_path, "wb") as log:
-            # Own session: teardown signals the whole group (uvicorn parent + worker).
-            proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT,
+            # Own session: teardown signals the whole group (e.g. uvicorn parent + worker).
+            proc = subprocess.Popen(command(port), cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True)
         base = f"http://127.0.0.1:{port}"
         try:
             try:
-                wait_http_ok(f"{base}/health", ready_timeout, proc)
+                wait_http_ok(f"{base}{ready_path}", ready_timeout, proc)
             except Exception as e:
                 tail = log_path.read_text(errors="replace")[-3000:]
                 if isinstance(e, ServerExited) and attempt < attempts:
                     continue  # the finally below reaps it; try another port
-                raise RuntimeError(f"{e}\n--- mlflow server log ({log_path}) ---\n{tail}") from e
+                raise RuntimeError(f"{name}: {e}\n--- {name} log ({log_path}) ---\n{tail}") from e
             yield base
             return
         finally:
             _stop(proc)
+
+
+@contextlib.contextmanager
+def mlflow_server(backend_store_uri: str, workdir: Path, ready_timeout: float = 45.0,
+                  attempts: int = 3) -> Iterator[str]:
+    """Run `mlflow server` against `backend_store_uri` (see `served`); yield its base URL."""
+    env = {**os.environ, "DO_NOT_TRACK": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
+
+    def command(port: int) -> list[str]:
+        return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_store_uri,
+                "--default-artifact-root", (workdir / "artifacts").as_uri(),
+                "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+
+    with served(command, "/health", workdir / "mlflow_server.log", name="mlflow server", cwd=workdir, env=env,
+                ready_timeout=ready_timeout, attempts=attempts) as base:
+        yield base
 
 
 def browser_missing() -> str | None:
