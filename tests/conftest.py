@@ -1,5 +1,6 @@
 """Helpers shared by several test files (plain functions and constants: `from conftest import ...`).
 
+- `copy_project(dest)`: the project's files as a fresh clone has them, to run kedro / dvc in.
 - `tiny_config(**over)`: a pretraining config small enough for CPU tests (fp32, deterministic).
 - `make_shards(root, n, size, channels)`: a shard folder with a train split: grey blob images
   written with webdataset's TarWriter and a manifest in the data library's format
@@ -25,6 +26,21 @@ def load_benchmark(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def copy_project(dest: Path, skip: tuple[str, ...] = ("data/", "benchmarks/", "docs/", "tests/")) -> Path:
+    """The project's files as a fresh clone would have them (git-tracked, plus new files git does
+    not ignore), without the folders in `skip`, copied to `dest`: a project to run kedro / dvc in."""
+    import shutil
+    import subprocess
+
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for rel in files:
+        if (ROOT / rel).is_file() and not rel.startswith(skip):
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, dest / rel)
+    return dest
 
 
 def tiny_encoder_config(**over):

@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT, copy_project
+
 pytestmark = pytest.mark.slow
 
 TINY_MODEL = {"preset": "tiny", "encoder": {"embed_dim": 32, "depth": 2, "num_heads": 2},
@@ -91,13 +92,7 @@ def _tiny(root: Path, total_steps: int = 6, checkpoint_every: int = 3) -> None:
 def project(tmp_path_factory) -> Path:
     """A git + DVC copy of the tracked project files with tiny parameters."""
     root = tmp_path_factory.mktemp("proj")
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                           text=True, check=True).stdout.split()
-    for rel in files:
-        src = ROOT / rel
-        if src.is_file() and not rel.startswith(("data/", "benchmarks/", "docs/")):
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, root / rel)
+    copy_project(root, skip=("data/", "benchmarks/", "docs/"))
     _tiny(root)
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
                 ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny"]):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, fake_fashion_mnist, grey_shards
+from conftest import copy_project, fake_fashion_mnist, grey_shards
 
 pytestmark = pytest.mark.slow
 timm = pytest.importorskip("timm")
@@ -41,12 +40,7 @@ def _edit(path: Path, fn) -> None:
 def project(tmp_path_factory) -> Path:
     """The tracked project files, tiny probe and pretrain parameters, grey shards of fashion_mnist."""
     root = tmp_path_factory.mktemp("proj")
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                           text=True, check=True).stdout.split()
-    for rel in files:
-        if (ROOT / rel).is_file() and not rel.startswith(("data/", "benchmarks/", "docs/", "tests/")):
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, root / rel)
+    copy_project(root)
 
     def probe(p):
         p["probe"]["common"].update(max_iter=5, weight_decays=[0.001], lowshot_per_class=2, lowshot_seeds=1,

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, load_benchmark
+from conftest import ROOT, copy_project, load_benchmark
 
 STAGES = r"""
 import sys
@@ -40,12 +39,7 @@ LOCAL = {
 @pytest.mark.slow
 def test_own_photos_shard_pretrain_vit_b16_at_224_probe(tmp_path):
     project = tmp_path / "proj"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                           text=True, check=True).stdout.split()
-    for rel in files:
-        if (ROOT / rel).is_file() and not rel.startswith(("data/", "benchmarks/", "docs/", "tests/")):
-            (project / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, project / rel)
+    copy_project(project)
     # photos of 300-700 px, 2 classes, where the README says to put them
     load_benchmark("photo_folder").write_photo_folder(project / "data/01_raw/imagefolder", n=24, classes=2,
                                                       min_side=300, max_side=700)

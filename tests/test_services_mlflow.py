@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, make_shards, tiny_config
+from conftest import ROOT, copy_project, make_shards, tiny_config
 from services import MlflowServer, create_database, wait_until
 
 mlflow = pytest.importorskip("mlflow")
@@ -52,12 +51,7 @@ def _project(root: Path, tracking_uri: str) -> Path:
     nproc 2, and kedro-mlflow pointed at the server in conf/local/mlflow.yml."""
     from test_dvc_pipeline import _edit, _tiny
 
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                           text=True, check=True).stdout.split()
-    for rel in files:
-        if (ROOT / rel).is_file() and not rel.startswith(("data/", "benchmarks/", "docs/", "tests/")):
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / rel, root / rel)
+    copy_project(root)
     _tiny(root)
     _edit(root / "conf/base/parameters_pretrain.yml", lambda p: p["pretrain"]["common"].update(nproc=2))
     # as the README says: the tracking server goes in conf/local/mlflow.yml
