@@ -37,11 +37,9 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # run as a file or loaded by path: the sibling module below
     sys.path.insert(0, str(HERE))
 
-from bench_train_step import bench_config, build_trainer, flop_counter, write_bench_shards  # noqa: E402
+from bench_train_step import _sig, bench_config, build_trainer, masks_step_flops, write_bench_shards  # noqa: E402
 
-from ijepa.masks import Masks  # noqa: E402
 from ijepa.train_data import read_shard_info, to_float  # noqa: E402
-from ijepa.trainer import Trainer  # noqa: E402
 from ijepa.trainer.compiling import compile_counters  # noqa: E402
 
 __all__ = ["run", "run_suite", "step_flops", "spec_bf16_tflops", "SPEC_BF16_TFLOPS", "SUITE", "TARGETS"]
@@ -85,19 +83,8 @@ def matmul_tflops(dev: torch.device, n: int = 8192, dtype=torch.bfloat16, repeat
     return 2 * n ** 3 / statistics.median(times) / 1e12
 
 
-def step_flops(trainer: Trainer, images: torch.Tensor, masks: Masks) -> float:
-    """Model FLOPs of one I-JEPA training step on exactly these `masks`: 3 x the forward of the
-    trained module (context encoder on the context tokens + predictor; backward = 2 x forward)
-    + 1 x the target encoder's forward on the full image."""
-    method = trainer.method
-    with torch.no_grad(), trainer.autocast:
-        with flop_counter() as fc:
-            method.trained(images, masks.context, masks.targets, masks.context_valid)
-        trained = fc.get_total_flops()
-        with flop_counter() as fc:
-            method.target_encoder(images)
-        target = fc.get_total_flops()
-    return float(3 * trained + target)
+# Model FLOPs of one step on exactly the masks it trains on (3 x trained forward + target forward).
+step_flops = masks_step_flops
 
 
 def run(preset: str = "vit_b16", batch_size: int = 128, compiled: bool = False, device: str = "cuda",
@@ -150,7 +137,7 @@ def run(preset: str = "vit_b16", batch_size: int = 128, compiled: bool = False, 
     return {"preset": preset, "compiled": compiled, "batch_size": batch_size, "img_size": img_size,
             "patch_size": enc.patch_size, "context_policy": policy, "steps": steps,
             "img_s": round(batch_size * steps / sum(times), 1), "step_ms": round(med * 1e3, 2),
-            "model_tflop_s": round(model, 3), "gflop_per_step": round(statistics.mean(per_step) / 1e9, 2),
+            "model_tflop_s": _sig(model, 4), "gflop_per_step": _sig(statistics.mean(per_step) / 1e9, 4),
             "context_tokens": [int(m.context.shape[-1]) for m in masks[warmup:]],
             "peak_mem_gb": round(torch.cuda.max_memory_allocated(dev) / 2 ** 30, 2) if dev.type == "cuda" else None,
             "compile_s": round(sum(first) - warmup * med, 1) if compiled else None,
@@ -186,8 +173,8 @@ def run_suite(device: str = "cuda", quick: bool = False, budget_s: float = 270.0
                          "skipped": f"out of memory: {str(err).splitlines()[0][:200]}"})
             torch.cuda.empty_cache()
             continue
-        r["mfu_spec"] = round(r["model_tflop_s"] / peak, 4) if peak else None
-        r["mfu_matmul"] = round(r["model_tflop_s"] / mm, 4)
+        r["mfu_spec"] = _sig(r["model_tflop_s"] / peak) if peak else None
+        r["mfu_matmul"] = _sig(r["model_tflop_s"] / mm)
         runs.append(r)
         if dev.type == "cuda":
             torch.cuda.empty_cache()

@@ -72,7 +72,7 @@ from ijepa.trainer import Trainer, prepare
 from ijepa.trainer.optim import param_groups
 
 __all__ = ["run", "NaiveAttention", "loop_masks", "loop_crops", "loop_ema", "write_bench_shards", "bench_config",
-           "build_trainer", "make_naive_", "TimedStep", "step_flops", "flop_counter"]
+           "build_trainer", "make_naive_", "TimedStep", "step_flops", "masks_step_flops", "flop_counter"]
 
 # Schedules as in a long run (the timed steps sit in its warm-up); logging and checkpoints
 # never fall on a timed step.
@@ -287,22 +287,26 @@ def flop_counter() -> FlopCounterMode:
     return FlopCounterMode(display=False, custom_mapping=extra)
 
 
+def masks_step_flops(trainer: Trainer, images: torch.Tensor, masks: Masks) -> float:
+    """Model FLOPs of one I-JEPA training step on exactly these `masks`: 3 x the forward of the
+    trained module (context encoder on the context tokens + predictor; backward = 2 x forward)
+    + 1 x the target encoder's forward on the full image."""
+    method = trainer.method
+    with torch.no_grad(), trainer.autocast:
+        with flop_counter() as fc:
+            method.trained(images, masks.context, masks.targets, masks.context_valid)
+        trained = fc.get_total_flops()
+        with flop_counter() as fc:
+            method.target_encoder(images)
+        target = fc.get_total_flops()
+    return float(3 * trained + target)
+
+
 def step_flops(trainer: Trainer, images: torch.Tensor, draws: int = 8) -> float:
-    """Model FLOPs of one training step of an I-JEPA trainer (3x forward of the method's trained
-    module + 1x forward of its target encoder), averaged over `draws` draws of its masker."""
-    method, b = trainer.method, images.shape[0]
-    total = 0.0
-    for t in range(draws):
-        m = method.masks(b, make_generator(trainer.cfg.seed, 10_000 + t)).to(trainer.device)
-        with torch.no_grad(), trainer.autocast:
-            with flop_counter() as fc:
-                method.trained(images, m.context, m.targets, m.context_valid)
-            trained = fc.get_total_flops()
-            with flop_counter() as fc:
-                method.target_encoder(images)
-            target = fc.get_total_flops()
-        total += 3 * trained + target
-    return total / draws
+    """`masks_step_flops` averaged over `draws` draws of the trainer's masker."""
+    b = images.shape[0]
+    return sum(masks_step_flops(trainer, images, trainer.method.masks(b, make_generator(trainer.cfg.seed, 10_000 + t))
+                                .to(trainer.device)) for t in range(draws)) / draws
 
 
 def _sig(x: float, digits: int = 3) -> float:
