@@ -71,6 +71,8 @@ def test_decoded_predictions_of_held_out_target_blocks_beat_the_mean_patch(repor
     # the predictions of masked blocks (from the context only) decode closer to the truth than the
     # mean patch and than the image's mean context colour
     assert mse["predictions"] < mse["mean_patch"] and mse["predictions"] < mse["context_mean"], mse
+    assert set(mse) == {"target_features", "predictions", "mean_patch", "position_mean", "context_mean",
+                        "target_features_all_patches"}
     # ... and are worse than decoding the true target features (the predictor does not see the block)
     assert mse["predictions"] > mse["target_features"], mse
 
@@ -162,3 +164,18 @@ def test_pretraining_is_what_makes_the_predictions_decodable(pretrained, report)
     rand = predictions_report(random_init, plan.shards.root, SMALL).metrics["mse"]
     trained = report.metrics["mse"]
     assert trained["predictions"] < 0.5 * rand["predictions"], (trained, rand)
+
+
+def test_padded_context_lists_are_visualised_too(pretrained):
+    """context_policy "pad": every context patch kept, padding masked out of attention and out of
+    the context panel and the context-mean baseline."""
+    from ijepa.trainer import prepare
+
+    plan, state = pretrained
+    padded = prepare(tiny_config(masks={**TINY_MASKS, "min_keep": 4, "context_policy": "pad"}),
+                     plan.shards, verify=False)
+    report = report_for_checkpoint(padded, state, SMALL)
+    assert all(np.isfinite(v) for v in report.metrics["mse"].values())
+    context = np.asarray(report.figure.axes[1].images[0].get_array())
+    image = np.asarray(report.figure.axes[0].images[0].get_array())
+    assert 0 < np.mean(np.all(np.isclose(context, image), axis=-1)) < 1  # some patches shown, some hidden

@@ -97,6 +97,20 @@ def fit_decoder(features: torch.Tensor, pixels: torch.Tensor, patch_size: int, c
     require(pixels.shape[1] == patch_size * patch_size * channels,
             f"pixels hold {pixels.shape[1]} values per patch, patch_size {patch_size} x channels {channels} "
             f"needs {patch_size * patch_size * channels}")
+    threads = torch.get_num_threads()
+    if features.device.type == "cpu":
+        # One intra-op thread: at these sizes (a [256, 128] x [128, 256] matmul per layer) a second
+        # thread saves little on an idle CPU, and on a busy one the threads' spin-waits cost 10x
+        # (measured on 2 loaded cores: 100 steps 0.5 CPU-s on one thread, 5.6 CPU-s on two).
+        torch.set_num_threads(1)
+    try:
+        return _fit(features, pixels, patch_size, channels, cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit(features: torch.Tensor, pixels: torch.Tensor, patch_size: int, channels: int,
+         cfg: DecoderConfig) -> tuple[PatchDecoder, float]:
     torch.manual_seed(cfg.seed)
     device = features.device
     decoder = PatchDecoder(features.shape[1], patch_size, channels, cfg.hidden).to(device)

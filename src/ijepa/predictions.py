@@ -11,9 +11,11 @@ After pretraining, from the final checkpoint (context encoder, predictor, target
    features of the blocks (`target_tokens`) and the predictor's predictions of them
    (`ContextPath`); the decoder turns both into pixels;
 3. reconstruction errors of the target-block patches (mean squared error per pixel value in
-   [0, 1], averaged over patches): decoded target features, decoded predictions, and two
-   baselines that need no encoder: the mean train patch, and the image's own mean context
-   colour (what is visible to the predictor, as one flat colour per channel);
+   [0, 1], averaged over patches): decoded target features, decoded predictions, and three
+   baselines that need no encoder: the mean train patch; the mean train patch at the same
+   grid position (the predictor knows where its targets are: a prediction that only encodes
+   the position does no better than this); and the image's own mean context colour (what is
+   visible to the predictor, as one flat colour per channel);
 4. a figure of the first `images` held-out images (`ijepa.viz.predictions`).
 
 Only the I-JEPA method has a predictor; `PredictionVisualiser.skip_reason` says why another
@@ -132,7 +134,7 @@ def predict_blocks(method: Any, images: torch.Tensor, masks: Masks) -> dict[str,
 
     Returns, each [M * nenc * B, Nt, .] in ContextPath's order (target block, context block,
     image): ``targets`` (normed target-encoder features of the blocks), ``predictions``,
-    ``pixels`` (the blocks' true patches); ``context_mean`` [M * nenc * B, p*p*C] (each
+    ``pixels`` (the blocks' true patches), ``index`` (their grid positions); ``context_mean`` [M * nenc * B, p*p*C] (each
     image's mean context colour per channel, as a flat patch); and every patch of the images:
     ``tokens`` [B, N, D] (normed target features) and ``patches`` [B, N, p*p*C]."""
     from ijepa.methods.ijepa import target_tokens
@@ -154,8 +156,8 @@ def predict_blocks(method: Any, images: torch.Tensor, masks: Masks) -> dict[str,
         w = masks.context_valid.reshape(nenc * b, -1, 1, 1).to(ctx.dtype)
         colour = (ctx * w).sum(dim=(1, 2)) / (w.sum(dim=(1, 2)) * patch * patch)
     context_mean = colour[:, None, :].expand(-1, patch * patch, -1).reshape(nenc * b, -1).repeat(m, 1)
-    return {"targets": targets, "predictions": predictions, "pixels": pixels, "context_mean": context_mean,
-            "tokens": normed_tokens(h), "patches": pix}
+    return {"targets": targets, "predictions": predictions, "pixels": pixels, "index": idx,
+            "context_mean": context_mean, "tokens": normed_tokens(h), "patches": pix}
 
 
 def _panels(images: torch.Tensor, masks: Masks, out: dict[str, torch.Tensor], decoder: PatchDecoder,
@@ -203,9 +205,10 @@ def predictions_report(method: Any, shard_dir: Any, cfg: VisualiseConfig, *, dat
     feats, pix = _pool(method.target_encoder, train, patch, cfg.batch_size, device)
     decoder, train_mse = fit_decoder(feats, pix, patch, chans, cfg.decoder)
     mean_patch = pix.mean(dim=0)
+    position_mean = pix.reshape(train.shape[0], -1, pix.shape[-1]).mean(dim=0)  # [N, P]: per grid position
     held = _images(shard_dir, cfg.split, cfg.eval_images)
-    sums = {"target_features": 0.0, "predictions": 0.0, "mean_patch": 0.0, "context_mean": 0.0,
-            "target_features_all_patches": 0.0}
+    sums = {"target_features": 0.0, "predictions": 0.0, "mean_patch": 0.0, "position_mean": 0.0,
+            "context_mean": 0.0, "target_features_all_patches": 0.0}
     n_tgt = n_all = 0
     panels = tmask = None
     with torch.no_grad():
@@ -218,6 +221,7 @@ def predictions_report(method: Any, shard_dir: Any, cfg: VisualiseConfig, *, dat
             sums["target_features"] += sse(decoder(out["targets"]))
             sums["predictions"] += sse(decoder(out["predictions"]))
             sums["mean_patch"] += sse(mean_patch.expand_as(truth))
+            sums["position_mean"] += sse(position_mean[out["index"]])
             sums["context_mean"] += sse(out["context_mean"][:, None, :].expand_as(truth))
             n_tgt += truth.numel()
             sums["target_features_all_patches"] += float(((decoder(out["tokens"]) - out["patches"]) ** 2).sum())
@@ -233,9 +237,10 @@ def predictions_report(method: Any, shard_dir: Any, cfg: VisualiseConfig, *, dat
         "decoder_train_mse": train_mse, "mse": mse, "seconds": round(seconds, 2),
     }
     log.info("predictor visualisation (%s, %d %s images, %d target patches): MSE decoded targets %.4f, "
-             "decoded predictions %.4f, mean patch %.4f, context mean %.4f (%.1fs)", dataset or "?",
-             held.shape[0], cfg.split, metrics["target_patches"], mse["target_features"], mse["predictions"],
-             mse["mean_patch"], mse["context_mean"], seconds)
+             "decoded predictions %.4f; baselines: mean patch %.4f, mean patch at the position %.4f, context "
+             "mean %.4f (%.1fs)", dataset or "?", held.shape[0], cfg.split, metrics["target_patches"],
+             mse["target_features"], mse["predictions"], mse["mean_patch"], mse["position_mean"],
+             mse["context_mean"], seconds)
     title = f"{dataset + ': ' if dataset else ''}what the predictor predicts ({cfg.split} images" \
             f"{f', step {step}' if step is not None else ''}; decoder trained on target features)"
     return PredictionReport(plot_predictions(panels, tmask, masks.grid, title=title), metrics)
