@@ -16,8 +16,8 @@ from ijepa import checkpoint as ckpt
 from ijepa.config import ConfigError
 from ijepa.decoder import DecoderConfig, decode_mse, fit_decoder, patchify, unpatchify
 from ijepa.params import pretrain_mapping, read_parameters, visualise_mapping
-from ijepa.predictions import (VisualiseConfig, _images, _pool, load_ijepa, report_for_checkpoint, save_report,
-                               skip_reason, visualise_config)
+from ijepa.predictions import (VisualiseConfig, first_images, load_ijepa, report_for_checkpoint, save_report,
+                               skip_reason, token_pool, visualise_config)
 from ijepa.viz.predictions import COLUMNS
 
 SMALL = VisualiseConfig(train_images=128, eval_images=48, images=3, batch_size=16,
@@ -26,7 +26,7 @@ SMALL = VisualiseConfig(train_images=128, eval_images=48, images=3, batch_size=1
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
-    """(plan, final checkpoint) of a tiny I-JEPA pretrained for 150 steps on 16-px scenes with a
+    """(plan, final checkpoint, run folder) of a tiny I-JEPA pretrained for 150 steps on 16-px scenes with a
     val split (about 2 CPU-seconds). One torch thread: these ops are too small for two, and
     two threads on a busy CPU spin far longer than they compute."""
     from ijepa.data import shard_dataset
@@ -43,13 +43,13 @@ def pretrained(tmp_path_factory):
     run_pretraining(cfg, shards, root / "run")
     _, state = ckpt.load_latest(root / "run" / ckpt.CHECKPOINT_SUBDIR)
     assert state["step"] == 150
-    yield prepare(cfg, shards, verify=False), state
+    yield prepare(cfg, shards, verify=False), state, root / "run"
     torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def report(pretrained):
-    plan, state = pretrained
+    plan, state, _ = pretrained
     return report_for_checkpoint(plan, state, SMALL)
 
 
@@ -84,18 +84,19 @@ def test_decoded_predictions_of_held_out_target_blocks_beat_the_mean_patch(repor
 def test_the_decoder_reads_the_features_not_the_position_or_the_average(pretrained):
     """Shuffling held-out features across patches destroys the reconstruction: the decoder uses
     what each token holds about its own patch."""
-    plan, state = pretrained
+    plan, state, _ = pretrained
     method = load_ijepa(plan.cfg, plan.model, plan.masker, state)
     patch, chans = plan.model.encoder.patch_size, plan.model.encoder.in_chans
-    feats, pix = _pool(method.target_encoder, _images(plan.shards.root, "train", 128), patch, 64, method.device)
+    train, held = first_images(plan.shards.root, "train", 128), first_images(plan.shards.root, "val", 48)
+    feats, pix = token_pool(method.target_encoder, train, patch, 64, method.device)
     decoder, _ = fit_decoder(feats, pix, patch, chans, SMALL.decoder)
-    vf, vp = _pool(method.target_encoder, _images(plan.shards.root, "val", 48), patch, 64, method.device)
+    vf, vp = token_pool(method.target_encoder, held, patch, 64, method.device)
     shuffled = vf[torch.randperm(vf.shape[0], generator=torch.Generator().manual_seed(0))]
     assert decode_mse(decoder, vf, vp) < 0.3 * decode_mse(decoder, shuffled, vp)
 
 
 def test_the_figure_shows_context_targets_and_both_decodings(pretrained, report):
-    plan, _ = pretrained
+    plan, _, _ = pretrained
     axes = report.figure.axes
     assert len(axes) == 3 * len(COLUMNS)
     assert [ax.get_title() for ax in axes[:len(COLUMNS)]] == list(COLUMNS)
@@ -158,7 +159,7 @@ def test_pretraining_is_what_makes_the_predictions_decodable(pretrained, report)
     from ijepa.methods.ijepa import IJepa
     from ijepa.predictions import predictions_report
 
-    plan, _ = pretrained
+    plan, _, _ = pretrained
     torch.manual_seed(plan.cfg.seed)
     random_init = IJepa(plan.cfg, plan.model, plan.masker, torch.device("cpu"))
     rand = predictions_report(random_init, plan.shards.root, SMALL).metrics["mse"]
@@ -171,7 +172,7 @@ def test_padded_context_lists_are_visualised_too(pretrained):
     the context panel and the context-mean baseline."""
     from ijepa.trainer import prepare
 
-    plan, state = pretrained
+    plan, state, _ = pretrained
     padded = prepare(tiny_config(masks={**TINY_MASKS, "min_keep": 4, "context_policy": "pad"}),
                      plan.shards, verify=False)
     report = report_for_checkpoint(padded, state, SMALL)
@@ -179,3 +180,13 @@ def test_padded_context_lists_are_visualised_too(pretrained):
     context = np.asarray(report.figure.axes[1].images[0].get_array())
     image = np.asarray(report.figure.axes[0].images[0].get_array())
     assert 0 < np.mean(np.all(np.isclose(context, image), axis=-1)) < 1  # some patches shown, some hidden
+
+
+def test_the_node_reads_the_final_checkpoint(pretrained):
+    from pipelines.pretrain.nodes import visualise_predictions
+
+    plan, _, run = pretrained
+    fig, metrics = visualise_predictions(plan, SMALL, run, {"steps": 150})
+    assert metrics["checkpoint_step"] == 150 and metrics["mse"]["predictions"] > 0 and len(fig.axes) == 15
+    with pytest.raises(ckpt.CheckpointError, match="no checkpoint of the final step 200"):
+        visualise_predictions(plan, SMALL, run, {"steps": 200})

@@ -39,8 +39,9 @@ from ijepa.decoder import DecoderConfig, PatchDecoder, fit_decoder, normed_token
 from ijepa.masks import Masks, make_generator
 from ijepa.models import ModelConfig, gather_tokens
 
-__all__ = ["VisualiseConfig", "visualise_config", "PredictionReport", "load_ijepa", "skip_reason",
-           "predict_blocks", "predictions_report"]
+__all__ = ["VisualiseConfig", "visualise_config", "PredictionReport", "load_ijepa", "skip_reason", "first_images",
+           "token_pool", "predict_blocks", "predictions_report", "report_for_checkpoint", "skipped_report",
+           "save_report"]
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ def load_ijepa(cfg: Any, model: ModelConfig, masker: Any, state: Mapping[str, An
     return method
 
 
-def _images(shard_dir: Any, split: str, n: int) -> torch.Tensor:
+def first_images(shard_dir: Any, split: str, n: int) -> torch.Tensor:
     """The first `n` images of `split` (shard order) as float [n, C, H, W] in [0, 1]."""
     from ijepa.data import make_pipeline
 
@@ -117,8 +118,8 @@ def _images(shard_dir: Any, split: str, n: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _pool(target_encoder: nn.Module, images: torch.Tensor, patch: int, batch_size: int, device: torch.device
-          ) -> tuple[torch.Tensor, torch.Tensor]:
+def token_pool(target_encoder: nn.Module, images: torch.Tensor, patch: int, batch_size: int, device: torch.device
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """(normed target tokens [T, D], their patches' pixels [T, p*p*C]) of every patch of `images`."""
     feats, pix = [], []
     for x in images.split(batch_size):
@@ -201,12 +202,12 @@ def predictions_report(method: Any, shard_dir: Any, cfg: VisualiseConfig, *, dat
     t0 = time.perf_counter()
     enc = method.model.encoder
     patch, chans, device = enc.patch_size, enc.in_chans, method.device
-    train = _images(shard_dir, "train", cfg.train_images)
-    feats, pix = _pool(method.target_encoder, train, patch, cfg.batch_size, device)
+    train = first_images(shard_dir, "train", cfg.train_images)
+    feats, pix = token_pool(method.target_encoder, train, patch, cfg.batch_size, device)
     decoder, train_mse = fit_decoder(feats, pix, patch, chans, cfg.decoder)
     mean_patch = pix.mean(dim=0)
     position_mean = pix.reshape(train.shape[0], -1, pix.shape[-1]).mean(dim=0)  # [N, P]: per grid position
-    held = _images(shard_dir, cfg.split, cfg.eval_images)
+    held = first_images(shard_dir, cfg.split, cfg.eval_images)
     sums = {"target_features": 0.0, "predictions": 0.0, "mean_patch": 0.0, "position_mean": 0.0,
             "context_mean": 0.0, "target_features_all_patches": 0.0}
     n_tgt = n_all = 0
