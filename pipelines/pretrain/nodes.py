@@ -1,4 +1,5 @@
-"""Pretrain stage: the library's trainer on the shards (ijepa.trainer), resuming from checkpoints."""
+"""Pretrain stage: the library's trainer on the shards (ijepa.trainer), resuming from checkpoints;
+then what the predictor predicts, decoded to pixels from the final checkpoint (ijepa.predictions)."""
 from __future__ import annotations
 
 import logging
@@ -11,11 +12,11 @@ import torch
 
 from ijepa import checkpoint as ckpt
 from ijepa.data import load_manifest, make_pipeline
+from ijepa.distributed import pick_device
 from ijepa.export import file_sha256
 from ijepa.masks import make_generator
 from ijepa.params import pretrain_mapping, visualise_mapping
 from ijepa.predictions import VisualiseConfig, report_for_checkpoint, skip_reason, skipped_report, visualise_config
-from ijepa.distributed import pick_device
 from ijepa.tracking import default_tracker, log_shards_input
 from ijepa.trainer import TrainPlan, prepare, retire_stale_checkpoints, train
 from ijepa.viz.masks import plot_masks

@@ -18,8 +18,8 @@ After pretraining, from the final checkpoint (context encoder, predictor, target
    visible to the predictor, as one flat colour per channel);
 4. a figure of the first `images` held-out images (`ijepa.viz.predictions`).
 
-Only the I-JEPA method has a predictor; `PredictionVisualiser.skip_reason` says why another
-method (the MAE baseline), a disabled config or shards without the split are skipped.
+Only the I-JEPA method has a predictor; `skip_reason` says why another method (the MAE
+baseline), a disabled config or shards without the held-out split are skipped.
 """
 from __future__ import annotations
 
