@@ -167,16 +167,19 @@ def test_pretraining_is_what_makes_the_predictions_decodable(pretrained, report)
     assert trained["predictions"] < 0.5 * rand["predictions"], (trained, rand)
 
 
-def test_padded_context_lists_are_visualised_too(pretrained):
-    """context_policy "pad": every context patch kept, padding masked out of attention and out of
-    the context panel and the context-mean baseline."""
+@pytest.mark.parametrize("masks", [{"context_policy": "pad"}, {"nenc": 2}], ids=["pad", "nenc2"])
+def test_padded_context_lists_and_several_context_blocks(pretrained, masks):
+    """context_policy "pad" (padding masked out of attention, of the context panel and of the
+    context-mean baseline) and nenc 2 (predictions ordered by target block, context block, image):
+    the pixels are gathered in the predictions' order, so decoded targets still match them."""
     from ijepa.trainer import prepare
 
     plan, state, _ = pretrained
-    padded = prepare(tiny_config(masks={**TINY_MASKS, "min_keep": 4, "context_policy": "pad"}),
-                     plan.shards, verify=False)
-    report = report_for_checkpoint(padded, state, SMALL)
-    assert all(np.isfinite(v) for v in report.metrics["mse"].values())
+    other = prepare(tiny_config(masks={**TINY_MASKS, "min_keep": 4, **masks}), plan.shards, verify=False)
+    report = report_for_checkpoint(other, state, SMALL)
+    mse = report.metrics["mse"]
+    assert all(np.isfinite(v) for v in mse.values())
+    assert mse["target_features"] < 0.5 * mse["mean_patch"] and mse["predictions"] < mse["mean_patch"], mse
     context = np.asarray(report.figure.axes[1].images[0].get_array())
     image = np.asarray(report.figure.axes[0].images[0].get_array())
     assert 0 < np.mean(np.all(np.isclose(context, image), axis=-1)) < 1  # some patches shown, some hidden
