@@ -1,4 +1,5 @@
-"""Pretrain stage: the library's trainer on the shards (ijepa.trainer), resuming from checkpoints."""
+"""Pretrain stage: the library's trainer on the shards (ijepa.trainer), resuming from checkpoints;
+then what the predictor predicts, decoded to pixels from the final checkpoint (ijepa.predictions)."""
 from __future__ import annotations
 
 import logging
@@ -9,19 +10,25 @@ from typing import Any
 import mlflow
 import torch
 
-from ijepa.data import make_pipeline
+from ijepa import checkpoint as ckpt
+from ijepa.data import load_manifest, make_pipeline
+from ijepa.distributed import pick_device
 from ijepa.export import file_sha256
 from ijepa.masks import make_generator
-from ijepa.params import pretrain_mapping
+from ijepa.params import pretrain_mapping, visualise_mapping
+from ijepa.predictions import VisualiseConfig, report_for_checkpoint, skip_reason, skipped_report, visualise_config
 from ijepa.tracking import default_tracker, log_shards_input
 from ijepa.trainer import TrainPlan, prepare, retire_stale_checkpoints, train
 from ijepa.viz.masks import plot_masks
 
 
-def plan_pretraining(params: dict[str, Any], tuned: dict[str, Any], dataset: str, shards: Path) -> TrainPlan:
+def plan_pretraining(params: dict[str, Any], tuned: dict[str, Any], dataset: str, shards: Path
+                     ) -> tuple[TrainPlan, VisualiseConfig]:
     """Every parameter checked against this data before any work (ConfigError names the
-    field). `shards` was sha256-verified when the catalog loaded it, so not again here."""
-    return prepare(pretrain_mapping({"pretrain": params, "tuned_masks": tuned}, dataset), shards, verify=False)
+    field), the predictor visualisation's too. `shards` was sha256-verified when the catalog
+    loaded it, so not again here."""
+    plan = prepare(pretrain_mapping({"pretrain": params, "tuned_masks": tuned}, dataset), shards, verify=False)
+    return plan, visualise_config(visualise_mapping({"pretrain": params}, dataset))
 
 
 def mask_preview(plan: TrainPlan, n: int = 6) -> Any:
@@ -53,3 +60,24 @@ def pretrain(plan: TrainPlan, model_dir: Path, reporting_dir: Path) -> tuple[dic
     report = {k: summary.get(k) for k in keep}
     report["encoder_sha256"] = sha
     return report, encoder_dir
+
+
+def visualise_predictions(plan: TrainPlan, viz: VisualiseConfig, model_dir: Path, summary: dict) -> tuple[Any, dict]:
+    """What the predictor predicts (ijepa.predictions), from the final checkpoint: the figure
+    and the held-out reconstruction errors; for the MAE baseline (no predictor), a disabled
+    config or shards without the held-out split, a placeholder saying why."""
+    reason = skip_reason(viz, plan.cfg.method, load_manifest(plan.shards.root)["splits"])
+    if reason is not None:
+        report = skipped_report(reason)
+        return report.figure, report.metrics
+    found = ckpt.load_latest(Path(model_dir) / ckpt.CHECKPOINT_SUBDIR)
+    if found is None or int(found[1]["step"]) != int(summary["steps"]):
+        raise ckpt.CheckpointError(f"{model_dir}: no checkpoint of the final step {summary['steps']} to visualise "
+                                   f"(found {found[0] if found else 'none'})")
+    report = report_for_checkpoint(plan, found[1], viz, device=pick_device(0, plan.cfg.device))
+    try:  # the errors as run metrics too (UI: compare runs); tracking extras never fail the stage
+        default_tracker().log_metrics({f"predictor_viz.mse.{k}": v for k, v in report.metrics["mse"].items()},
+                                      step=int(summary["steps"]))
+    except Exception as err:  # noqa: BLE001
+        logging.getLogger(__name__).warning("pretrain run: could not log the predictor visualisation metrics: %s", err)
+    return report.figure, report.metrics

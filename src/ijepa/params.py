@@ -24,8 +24,8 @@ from typing import Any, Mapping, Sequence
 
 from ijepa.config import ConfigError, deep_merge
 
-__all__ = ["read_parameters", "for_dataset", "pretrain_mapping", "probe_mapping", "shard_mapping",
-           "DEFAULT_CONF_DIRS"]
+__all__ = ["read_parameters", "for_dataset", "pretrain_mapping", "visualise_mapping", "probe_mapping",
+           "shard_mapping", "DEFAULT_CONF_DIRS"]
 
 DEFAULT_CONF_DIRS = ("conf/base", "conf/local")
 
@@ -63,12 +63,20 @@ def for_dataset(section: Mapping[str, Any] | None, dataset: str, name: str) -> d
 
 def pretrain_mapping(params: Mapping[str, Any], dataset: str,
                      overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """`params` holds the sections ``pretrain`` and (optionally) ``tuned_masks``."""
+    """`params` holds the sections ``pretrain`` and (optionally) ``tuned_masks``; the
+    ``visualise`` block is not a training setting (`visualise_mapping`)."""
     out = for_dataset(params.get("pretrain"), dataset, "pretrain")
+    out.pop("visualise", None)
     best = (params.get("tuned_masks") or {}).get(dataset) or {}
     if best:
         out = deep_merge(out, {"masks": dict(best)})
     return deep_merge(out, dict(overrides or {}))
+
+
+def visualise_mapping(params: Mapping[str, Any], dataset: str) -> dict[str, Any]:
+    """``pretrain.<dataset>.visualise`` (common merged with the dataset's block): the settings of
+    the predictor visualisation after pretraining (`ijepa.predictions.VisualiseConfig`)."""
+    return dict(for_dataset(params.get("pretrain"), dataset, "pretrain").get("visualise") or {})
 
 
 def probe_mapping(params: Mapping[str, Any], dataset: str,
