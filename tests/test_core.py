@@ -67,6 +67,13 @@ def test_atomic_write_failure_keeps_old_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["m.json"]
 
 
+def test_atomic_write_gives_the_mode_a_plain_write_gives(tmp_path):
+    atomic.write_json(tmp_path / "m.json", {"v": 1})
+    (tmp_path / "plain.json").write_text("{}")  # open() with this process's umask
+    mode = lambda p: p.stat().st_mode & 0o777  # noqa: E731
+    assert mode(tmp_path / "m.json") == mode(tmp_path / "plain.json")  # not mkstemp's 0600
+
+
 def test_encoder_config_rejects_indivisible_image():
     with pytest.raises(ConfigError, match="img_size 30 is not divisible by patch_size 4"):
         ViTEncoder(EncoderConfig(img_size=30, patch_size=4))
