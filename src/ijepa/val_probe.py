@@ -58,8 +58,10 @@ class ValProbe:
                                          self.cfg.lowshot_per_class) for i in range(self.cfg.lowshot_seeds)]
                         if probe == "lowshot" else [])
 
-    def score(self, encoder: torch.nn.Module, device: str | torch.device = "cpu") -> float:
-        """Val top-1 (fraction) of the best head; leaves the encoder's train/eval mode as it was."""
+    def features(self, encoder: torch.nn.Module, device: str | torch.device = "cpu"
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features [N, D] of the train and val subsets (the probe stage's `n_last` pooling);
+        leaves the encoder's train/eval mode as it was. ProbeError when they are not finite."""
         was_training = encoder.training
         try:
             kw = dict(n_last=self.cfg.n_last, batch_size=self.cfg.feature_batch_size, device=device, progress=False,
@@ -70,12 +72,20 @@ class ValProbe:
             encoder.train(was_training)
         if not (torch.isfinite(tx).all() and torch.isfinite(vx).all()):
             raise ProbeError("the encoder's features are not finite")
+        return tx, vx
+
+    def score_features(self, tx: torch.Tensor, vx: torch.Tensor) -> float:
+        """Val top-1 (fraction) of the best head on features from `features`."""
         if self.probe == "linear":
             head = fit_head(self.cfg, tx, self.train_y, vx, self.val_y, self.n_classes)
             return float(max(head.val_top1.values()))
         accs = [max(fit_head(self.cfg, tx[idx], self.train_y[idx], vx, self.val_y, self.n_classes).val_top1.values())
                 for idx in self.subsets]
         return float(sum(accs) / len(accs))
+
+    def score(self, encoder: torch.nn.Module, device: str | torch.device = "cpu") -> float:
+        """Val top-1 (fraction) of the best head; leaves the encoder's train/eval mode as it was."""
+        return self.score_features(*self.features(encoder, device))
 
 
 def val_score(encoder: torch.nn.Module, shard_dir: str | Path, cfg: ProbeConfig | Mapping[str, Any] | None = None,
