@@ -217,3 +217,36 @@ def test_the_probes_csv_and_report_land_where_the_stage_puts_them(tmp_path, shar
     assert text[0] == "step,knn_top1,linear_top1,seconds" and len(text) == 4
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["probes"]["best_step"] == 8 and summary["probes"]["last_linear_top1"] == 0.1
+
+
+@pytest.mark.slow
+def test_two_processes_ddp_and_fsdp_score_on_rank_0_only_and_train_the_same(tmp_path, shards):
+    # torchrun, 2 CPU ranks: rank 0 scores (the FSDP one on the gathered full weights), rank 1
+    # waits at the barrier; the DDP losses are those of the same run without probes
+    c = cfg(nproc=2, deterministic=False)
+    plain = run_pretraining(c, shards, tmp_path / "plain")
+    ddp = run_pretraining({**c, "monitor": MONITOR, "export": "best"}, shards, tmp_path / "ddp")
+    fsdp = run_pretraining({**c, "monitor": MONITOR, "export": "best", "distributed": "fsdp"}, shards,
+                           tmp_path / "fsdp")
+    losses = [[r["loss"] for r in LossHistory.read_csv(Path(s["loss_csv"]))] for s in (plain, ddp)]
+    assert losses[0] == losses[1]
+    for run in (ddp, fsdp):
+        rows = LossHistory.read_csv(Path(run["probes_csv"]))
+        assert [int(r["step"]) for r in rows] == [4, 8, 12] and run["probes"]["scored_steps"] == [4, 8, 12]
+        assert run["exported_step"] == run["probes"]["best_step"]
+        from ijepa.export import read_encoder_info
+
+        assert read_encoder_info(run["encoder_dir"])["metadata"]["step"] == run["exported_step"]
+
+
+def test_load_split_decodes_only_the_rows_asked_for(shards):
+    from ijepa.data.reader import load_split
+
+    images, labels = load_split(shards, "val")
+    rows = [1, 5, 6, 23]
+    some, some_labels = load_split(shards, "val", rows=rows)
+    assert torch.equal(some, images[rows]) and torch.equal(some_labels["cls"], labels["cls"][rows])
+    with pytest.raises(ValueError, match="increasing"):
+        load_split(shards, "val", rows=[5, 1])
+    with pytest.raises(ValueError, match="increasing"):
+        load_split(shards, "val", rows=[24])

@@ -170,8 +170,8 @@ class MonitorConfig:
     knn_k: int = 20
     knn_temperature: float = 0.07
     linear: bool = True
-    max_train: int | None = 2000  # fixed random subset of the train split (seeded); null = all of it
-    max_val: int | None = 1000  # fixed random subset of the val split; null = all of it
+    max_train: int | None = 1000  # fixed random subset of the train split (seeded); null = all of it
+    max_val: int | None = 500  # fixed random subset of the val split; null = all of it
     probe: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:

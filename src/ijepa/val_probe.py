@@ -41,15 +41,16 @@ class ValProbe:
         for name, cap in ((self.cfg.train_split, max_train), (self.cfg.val_split, max_val)):
             if name not in splits:
                 raise ProbeError(f"split {name!r} not found in {self.shard_dir / 'manifest.json'} (has {sorted(splits)})")
-            images, labels = load_split(self.shard_dir, name, labels=True)
+            n = int(splits[name].get("samples", 0))
+            keep = None
+            if cap is not None and n > cap:  # the subset is drawn first, so only it is decoded
+                keep = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed))[:cap]
+                keep = torch.sort(keep).values.tolist()
+            images, labels = load_split(self.shard_dir, name, labels=True, rows=keep)
             if "cls" not in labels:
                 raise ProbeError(f"{self.shard_dir}: split {name!r} has no cls labels; the val score needs them")
             if images.shape[0] == 0:
                 raise ProbeError(f"split {name!r} of {self.shard_dir} is empty")
-            if cap is not None and images.shape[0] > cap:
-                keep = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(self.cfg.seed))[:cap]
-                keep = torch.sort(keep).values
-                images, labels = images[keep], {k: v[keep] for k, v in labels.items()}
             data[name] = (images, labels["cls"].long())
         self.train_images, self.train_y = data[self.cfg.train_split]
         self.val_images, self.val_y = data[self.cfg.val_split]
