@@ -250,3 +250,16 @@ def test_load_split_decodes_only_the_rows_asked_for(shards):
         load_split(shards, "val", rows=[5, 1])
     with pytest.raises(ValueError, match="increasing"):
         load_split(shards, "val", rows=[24])
+
+
+def test_the_loss_figure_gets_a_probe_panel():
+    from ijepa.viz.training import plot_loss_curve
+
+    loss = [{"step": s, "loss": 1.0 / s, "lr": 1e-3} for s in range(1, 9)]
+    probes = [{"step": 4, "knn_top1": 0.3, "linear_top1": 0.4}, {"step": 8, "knn_top1": 0.5, "linear_top1": None}]
+    assert len(plot_loss_curve(loss).axes) == 2  # loss + its lr twin
+    fig = plot_loss_curve(loss, probes=probes)
+    panel = [ax for ax in fig.axes if ax.get_ylabel() == "val top-1"]
+    assert len(panel) == 1
+    assert {line.get_label(): list(line.get_ydata()) for line in panel[0].lines} == {"kNN": [0.3, 0.5],
+                                                                                       "linear": [0.4]}
