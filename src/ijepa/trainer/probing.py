@@ -17,10 +17,10 @@ between saved and restored global RNG states (torch, numpy, python, CUDA).
 The best encoder (highest monitored score: linear_top1 when `linear`, else knn_top1; the
 earlier step on ties) is written to ``<out>/best_encoder/step-<step>/`` when it appears, as an
 exported encoder (ijepa.export, atomic files). Checkpoints rotate, so this is what `export:
-best` exports at the end. The previous best folder is kept until the next new best: the newest
-complete checkpoint may still name it after a kill (the caller waits for the checkpoint in
-flight before a score, so no older one can be the resume point); at the next score every
-complete checkpoint names the new one, and only it is kept.
+best` exports at the end. A new best keeps the previous best's folder until the next score: the
+newest complete checkpoint may still name it after a kill (the caller waits for the checkpoint
+in flight before scoring, so no older one is the resume point); by the next score the
+checkpoint naming the new best is complete, and only that folder stays.
 """
 from __future__ import annotations
 
