@@ -263,3 +263,14 @@ def test_the_loss_figure_gets_a_probe_panel():
     assert len(panel) == 1
     assert {line.get_label(): list(line.get_ydata()) for line in panel[0].lines} == {"kNN": [0.3, 0.5],
                                                                                        "linear": [0.4]}
+
+
+def test_val_probe_subsets_are_the_seeded_draw_over_the_whole_split(shards):
+    from ijepa.data.reader import load_split
+    from ijepa.val_probe import ValProbe
+
+    vp = ValProbe({"n_last": 1, "seed": 3}, shards, "linear", max_train=10, max_val=5)
+    for images, labels, split, cap in ((vp.train_images, vp.train_y, "train", 10), (vp.val_images, vp.val_y, "val", 5)):
+        full, full_labels = load_split(shards, split)
+        keep = torch.sort(torch.randperm(full.shape[0], generator=torch.Generator().manual_seed(3))[:cap]).values
+        assert torch.equal(images, full[keep]) and torch.equal(labels, full_labels["cls"][keep])
