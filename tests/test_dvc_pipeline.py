@@ -74,6 +74,8 @@ def _tiny(root: Path, total_steps: int = 6, checkpoint_every: int = 3) -> None:
         c["optimisation"].update(batch_size=16, total_steps=total_steps, warmup_steps=1)
         c.update(checkpoint_every=checkpoint_every, log_every=1, threads=1)
         c["masks"]["min_keep"] = 4
+        # probes along training stay on (the CSV, the metrics): cheap heads, last layer (2 blocks)
+        c["monitor"].update(max_train=64, max_val=32, probe={"n_last": 1, "max_iter": 5, "weight_decays": [0.001]})
         p["pretrain"]["scenes"].pop("optimisation", None)  # steps come from `common` only here
         p["pretrain"]["scenes"]["model"].pop("predictor", None)  # and the predictor from TINY_MODEL
 
@@ -160,7 +162,7 @@ def test_repro_chain_noop_and_selective_reruns(project):
     assert newest_probe.info.run_name == "probe"
 
 
-REPORTS = {"shard.json", "pretrain.json", "pretrain_loss.csv", "probes.json", "probe_table.json"}
+REPORTS = {"shard.json", "pretrain.json", "pretrain_loss.csv", "pretrain_probes.csv", "predictor_viz.json", "probes.json", "probe_table.json"}
 NPRED = "conf/base/parameters_pretrain.yml:pretrain.scenes.masks.npred"
 
 

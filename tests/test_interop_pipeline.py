@@ -52,6 +52,7 @@ def project(tmp_path_factory) -> Path:
                       "predictor": {"embed_dim": 16, "depth": 1, "num_heads": 2}}
         c["masks"]["min_keep"] = 4
         c.update(checkpoint_every=2, log_every=1, threads=1)
+        c["monitor"]["probe"] = {"n_last": 1, "max_iter": 5, "weight_decays": [0.001]}  # 2 blocks: last layer
         p["pretrain"]["fashion_mnist"]["optimisation"] = {"batch_size": 8, "total_steps": 2, "warmup_steps": 1}
 
     _edit(root / "conf/base/parameters_probe.yml", probe)

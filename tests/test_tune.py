@@ -118,6 +118,8 @@ def test_trial_config_and_masks_from_params():
     assert out["optimisation"]["total_steps"] == 4 and out["optimisation"]["lr"] == 0.002
     assert out["checkpoint_every"] == 2 and out["nproc"] == 1 and out["model"] == TINY_MODEL
     assert out["data"]["verify"] is False  # the study verifies the shards once, not every trial
+    # the objective scores the val split at every checkpoint itself: no probes along training in trials
+    assert out["monitor"] == {"enabled": False} and out["export"] == "last"
 
 
 def test_a_corrupt_shard_stops_the_study_before_any_trial(tmp_path, shards):

@@ -43,7 +43,8 @@ def mask_preview(plan: TrainPlan, n: int = 6) -> Any:
 def pretrain(plan: TrainPlan, model_dir: Path, reporting_dir: Path) -> tuple[dict, Path]:
     tracker = default_tracker()
     retire_stale_checkpoints(plan.cfg, plan.shards.manifest_sha256, model_dir, tracker)
-    summary = train(plan, model_dir, tracker=tracker, loss_csv=Path(reporting_dir) / "pretrain_loss.csv")
+    summary = train(plan, model_dir, tracker=tracker, loss_csv=Path(reporting_dir) / "pretrain_loss.csv",
+                    probes_csv=Path(reporting_dir) / "pretrain_probes.csv")
     encoder_dir = Path(summary["encoder_dir"])
     sha = file_sha256(encoder_dir / "encoder.safetensors")
     mlflow.set_tags({"input.manifest_sha256": summary["manifest_sha256"], "output.encoder_sha256": sha})
@@ -59,6 +60,12 @@ def pretrain(plan: TrainPlan, model_dir: Path, reporting_dir: Path) -> tuple[dic
             "manifest_sha256")
     report = {k: summary.get(k) for k in keep}
     report["encoder_sha256"] = sha
+    report["export"] = summary.get("export")
+    report["exported_step"] = summary.get("exported_step")
+    if summary.get("probes"):  # probes along training (val split): last and best scores
+        p = summary["probes"]
+        report["probes_along_training"] = {k: p.get(k) for k in (
+            "score", "last_step", "last_knn_top1", "last_linear_top1", "best_step", "best_score")}
     return report, encoder_dir
 
 

@@ -1,6 +1,6 @@
 """Pretraining entry point for one process; torchrun launches it once per rank.
 
-    python -m ijepa.pretrain_main --config cfg.json --shards DIR --out DIR [--loss-csv PATH]
+    python -m ijepa.pretrain_main --config cfg.json --shards DIR --out DIR [--loss-csv PATH] [--probes-csv PATH]
     torchrun --standalone --nproc_per_node 2 -m ijepa.pretrain_main --config cfg.json --shards DIR --out DIR
 
 The config file is JSON (or YAML) holding a PretrainConfig mapping; its `nproc` must equal
@@ -39,6 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shards", required=True, help="shard folder (with manifest.json)")
     p.add_argument("--out", required=True, help="run folder: checkpoints, encoder, loss.csv, summary.json")
     p.add_argument("--loss-csv", default=None, help="loss history CSV path (default <out>/loss.csv)")
+    p.add_argument("--probes-csv", default=None, help="probes-along-training CSV path (default <out>/probes.csv)")
     p.add_argument("--skip-verify", action="store_true", help="do not re-check the shards' sha256 (the "
                    "launcher did)")
     return p.parse_args(argv)
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         if info.rank != 0:
             logging.getLogger().setLevel(logging.WARNING)
         tracker = tracker_from_env(info.rank)
-        train_worker(plan, args.out, tracker, args.loss_csv, info)
+        train_worker(plan, args.out, tracker, args.loss_csv, info, probes_csv=args.probes_csv)
     except BaseException as err:
         if not isinstance(err, (KeyboardInterrupt, SystemExit)):
             atomic.write_json(Path(args.out) / f"failure-rank{rank}.json",

@@ -20,7 +20,7 @@ from ijepa.methods import METHODS, Masker, get_method
 from ijepa.models import PRESETS, ModelConfig
 
 __all__ = ["EncoderOverrides", "PredictorOverrides", "ModelSection", "OptimConfig", "AugmentConfig",
-           "DataConfig", "CollapseConfig", "PretrainConfig", "load_config", "resolve_model", "check_against_data",
+           "DataConfig", "CollapseConfig", "MonitorConfig", "PretrainConfig", "load_config", "resolve_model", "check_against_data",
            "model_and_masker", "RESUME_SAFE_FIELDS"]
 
 
@@ -157,6 +157,46 @@ class CollapseConfig:
 
 
 @dataclass(frozen=True)
+class MonitorConfig:
+    """Probes along training (ijepa.trainer.probing): at every `every_checkpoints`-th checkpoint
+    (and the last step) rank 0 scores the exported (target) encoder on the val split, never the
+    test split: a weighted kNN top-1 (cosine, `knn_k`, `knn_temperature`; bank = `max_train`
+    train images) and, with `linear`, the val top-1 of the probe stage's linear heads
+    (ijepa.val_probe.ValProbe; head settings: `probe`, an ijepa.probes.ProbeConfig mapping).
+    The monitored score (the one `export: best` follows) is linear_top1 when `linear`, else knn_top1."""
+
+    enabled: bool = False
+    every_checkpoints: int = 1
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    linear: bool = True
+    max_train: int | None = 1000  # fixed random subset of the train split (seeded); null = all of it
+    max_val: int | None = 500  # fixed random subset of the val split; null = all of it
+    probe: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        require(self.every_checkpoints >= 1, f"monitor.every_checkpoints must be >= 1, got {self.every_checkpoints}")
+        require(self.knn_k >= 1, f"monitor.knn_k must be >= 1, got {self.knn_k}")
+        require(math.isfinite(self.knn_temperature) and self.knn_temperature > 0,
+                f"monitor.knn_temperature must be a finite number > 0, got {self.knn_temperature}")
+        for name in ("max_train", "max_val"):
+            v = getattr(self, name)
+            require(v is None or v >= 1, f"monitor.{name} must be >= 1 or null, got {v}")
+        self.probe_config()
+
+    def probe_config(self) -> Any:
+        """The typed head settings (ijepa.probes.ProbeConfig, imported here only: a lazy import)."""
+        from ijepa.probes import ProbeConfig
+
+        return from_mapping(ProbeConfig, self.probe, "monitor.probe")
+
+    @property
+    def score_name(self) -> str:
+        """The monitored score: what `export: best` maximises."""
+        return "linear_top1" if self.linear else "knn_top1"
+
+
+@dataclass(frozen=True)
 class PretrainConfig:
     # a name in ijepa.methods.METHODS: "ijepa" (default) or "mae" (the MAE baseline)
     method: str = "ijepa"
@@ -168,6 +208,10 @@ class PretrainConfig:
     augmentation: AugmentConfig = field(default_factory=AugmentConfig)
     data: DataConfig = field(default_factory=DataConfig)
     collapse: CollapseConfig = field(default_factory=CollapseConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)  # probes along training
+    # which encoder is exported to <out>/encoder: "last" (the final step's) or "best" (the step
+    # with the best monitored val score; needs monitor.enabled)
+    export: Literal["last", "best"] = "last"
     # "auto": bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32
     # (ijepa.precision); "bf16" / "fp32" force one
     precision: Literal["auto", "bf16", "fp32"] = "auto"
@@ -202,6 +246,9 @@ class PretrainConfig:
         require(self.nproc >= 1, f"nproc must be >= 1, got {self.nproc}")
         require(self.threads is None or self.threads >= 1, f"threads must be >= 1 or null, got {self.threads}")
         require(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
+        require(self.export != "best" or self.monitor.enabled,
+                "export: 'best' picks the checkpoint with the best val score, which needs probes along training: "
+                "set monitor.enabled: true (or export: last)")
         o = self.optimisation
         require(o.batch_size % (self.nproc * o.accum_steps) == 0,
                 f"optimisation.batch_size {o.batch_size} is not divisible by nproc {self.nproc} x "
@@ -225,7 +272,7 @@ def load_config(cfg: "PretrainConfig | Mapping[str, Any] | None") -> PretrainCon
 # accum_steps, grad_checkpointing and distributed change memory and summation order, not the run
 # (same global batch, same data, full-tensor checkpoints either way).
 RESUME_SAFE_FIELDS = frozenset({
-    "checkpoint_every", "keep_last", "log_every", "num_workers", "progress", "compile", "threads",
+    "checkpoint_every", "keep_last", "log_every", "export", "num_workers", "progress", "compile", "threads",
     "optimisation.accum_steps", "model.grad_checkpointing", "distributed",
     "collapse.std_min", "collapse.rank_min", "data.memory_limit_mb", "data.verify", "data.prefetch", "device", "deterministic",
 })

@@ -41,15 +41,16 @@ class ValProbe:
         for name, cap in ((self.cfg.train_split, max_train), (self.cfg.val_split, max_val)):
             if name not in splits:
                 raise ProbeError(f"split {name!r} not found in {self.shard_dir / 'manifest.json'} (has {sorted(splits)})")
-            images, labels = load_split(self.shard_dir, name, labels=True)
+            n = int(splits[name].get("samples", 0))
+            keep = None
+            if cap is not None and n > cap:  # the subset is drawn first, so only it is decoded
+                keep = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed))[:cap]
+                keep = torch.sort(keep).values.tolist()
+            images, labels = load_split(self.shard_dir, name, labels=True, rows=keep)
             if "cls" not in labels:
                 raise ProbeError(f"{self.shard_dir}: split {name!r} has no cls labels; the val score needs them")
             if images.shape[0] == 0:
                 raise ProbeError(f"split {name!r} of {self.shard_dir} is empty")
-            if cap is not None and images.shape[0] > cap:
-                keep = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(self.cfg.seed))[:cap]
-                keep = torch.sort(keep).values
-                images, labels = images[keep], {k: v[keep] for k, v in labels.items()}
             data[name] = (images, labels["cls"].long())
         self.train_images, self.train_y = data[self.cfg.train_split]
         self.val_images, self.val_y = data[self.cfg.val_split]
@@ -58,8 +59,10 @@ class ValProbe:
                                          self.cfg.lowshot_per_class) for i in range(self.cfg.lowshot_seeds)]
                         if probe == "lowshot" else [])
 
-    def score(self, encoder: torch.nn.Module, device: str | torch.device = "cpu") -> float:
-        """Val top-1 (fraction) of the best head; leaves the encoder's train/eval mode as it was."""
+    def features(self, encoder: torch.nn.Module, device: str | torch.device = "cpu"
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features [N, D] of the train and val subsets (the probe stage's `n_last` pooling);
+        leaves the encoder's train/eval mode as it was. ProbeError when they are not finite."""
         was_training = encoder.training
         try:
             kw = dict(n_last=self.cfg.n_last, batch_size=self.cfg.feature_batch_size, device=device, progress=False,
@@ -70,12 +73,20 @@ class ValProbe:
             encoder.train(was_training)
         if not (torch.isfinite(tx).all() and torch.isfinite(vx).all()):
             raise ProbeError("the encoder's features are not finite")
+        return tx, vx
+
+    def score_features(self, tx: torch.Tensor, vx: torch.Tensor) -> float:
+        """Val top-1 (fraction) of the best head on features from `features`."""
         if self.probe == "linear":
             head = fit_head(self.cfg, tx, self.train_y, vx, self.val_y, self.n_classes)
             return float(max(head.val_top1.values()))
         accs = [max(fit_head(self.cfg, tx[idx], self.train_y[idx], vx, self.val_y, self.n_classes).val_top1.values())
                 for idx in self.subsets]
         return float(sum(accs) / len(accs))
+
+    def score(self, encoder: torch.nn.Module, device: str | torch.device = "cpu") -> float:
+        """Val top-1 (fraction) of the best head; leaves the encoder's train/eval mode as it was."""
+        return self.score_features(*self.features(encoder, device))
 
 
 def val_score(encoder: torch.nn.Module, shard_dir: str | Path, cfg: ProbeConfig | Mapping[str, Any] | None = None,

@@ -283,8 +283,11 @@ def iter_split_samples(shard_dir: str | Path, split: str) -> Iterator[dict[str, 
 
 
 def load_split(shard_dir: str | Path, split: str, labels: bool = True,
-               verify: bool = False) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+               verify: bool = False, rows: Sequence[int] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The whole split in memory, in shard order: (uint8 [N, C, H, W], {label: LongTensor [N]}).
+
+    `rows` (increasing positions in shard order): only those samples are decoded and returned
+    (a fixed subset costs its own decoding, not the split's).
 
     Photo shards (``image.storage: photo``) are brought to image_size x image_size by
     `ijepa.data.photos.fit_square` (shorter side resized, centre square).
@@ -296,23 +299,33 @@ def load_split(shard_dir: str | Path, split: str, labels: bool = True,
     n, c, size = int(info["samples"]), int(manifest["channels"]), int(manifest["image_size"])
     photo = is_photo(manifest)
     names = label_names(manifest) if labels else []
-    images = np.empty((n, size, size, c), np.uint8)
-    labs = {k: np.empty(n, np.int64) for k in names}
+    if rows is not None:
+        rows = [int(r) for r in rows]
+        if any(b <= a for a, b in zip(rows, rows[1:])) or (rows and not 0 <= rows[0] <= rows[-1] < n):
+            raise ValueError(f"load_split: rows must be increasing positions in [0, {n}), got {rows[:5]}...")
+    slot = {r: j for j, r in enumerate(rows)} if rows is not None else None
+    m = len(rows) if rows is not None else n
+    images = np.empty((m, size, size, c), np.uint8)
+    labs = {k: np.empty(m, np.int64) for k in names}
     i = 0
     for sample in iter_split_samples(root, split):
         if i >= n:
             raise ShardError(f"{root}: split {split!r} has more samples than the manifest's {n}")
+        j = i if slot is None else slot.get(i)
+        if j is None:  # not a selected row: counted, not decoded
+            i += 1
+            continue
         img = _decode_image(_image_bytes(sample), c)
         if photo:  # whole photos: the probes' deterministic view
             img = fit_square(img, size)
         if img.shape != (size, size, c):
             raise ShardError(f"sample {sample['__key__']!r} in {sample['__url__']} is {img.shape}, the manifest "
                              f"says {(size, size, c)}")
-        images[i] = img
+        images[j] = img
         for k in names:
             if k not in sample:
                 raise ShardError(f"sample {sample['__key__']!r} in {sample['__url__']} has no {k!r} label")
-            labs[k][i] = int(sample[k].decode("ascii"))
+            labs[k][j] = int(sample[k].decode("ascii"))
         i += 1
     if i != n:
         raise ShardError(f"{root}: split {split!r} has {i} samples, the manifest says {n}")

@@ -1,6 +1,6 @@
 """Entry points: one process in-process, or `nproc` processes through torchrun.
 
-    run_pretraining(cfg, shard_dir, out_dir, tracker=None, loss_csv=None) -> summary dict
+    run_pretraining(cfg, shard_dir, out_dir, tracker=None, loss_csv=None, probes_csv=None) -> summary dict
     train(plan, out_dir, ...)                 the same, for an already prepared `TrainPlan`
 
 ``nproc == 1`` trains in this process; otherwise the launcher runs
@@ -30,6 +30,7 @@ from ijepa.tracking_buffer import buffered
 from ijepa.train_config import PretrainConfig
 from ijepa.trainer.loop import SUMMARY, CheckpointCallback, NonFiniteLossError, Trainer
 from ijepa.trainer.plan import TrainPlan, prepare
+from ijepa.trainer.probing import METRIC_PREFIX
 from ijepa.trainer.process import process_settings
 from ijepa.trainer.resume import ResumeMismatchError
 
@@ -40,28 +41,31 @@ log = logging.getLogger("ijepa.trainer")
 
 def train_worker(plan: TrainPlan, out_dir: str | Path, tracker: Tracker | None = None,
                  loss_csv: str | Path | None = None, dist_info: DistInfo | None = None,
-                 on_checkpoint: CheckpointCallback | None = None) -> dict[str, Any]:
+                 on_checkpoint: CheckpointCallback | None = None,
+                 probes_csv: str | Path | None = None) -> dict[str, Any]:
     """The body of one process: trains, checkpoints and exports (rank 0)."""
     dist_info = dist_info or DistInfo(device=pick_device(0, plan.cfg.device))
     # MLflow through a buffer: an unreachable tracking server never stops or slows training
     with process_settings(plan.cfg, dist_info), buffered(tracker, out_dir) as tracker:
-        return Trainer(plan, out_dir, tracker, loss_csv, dist_info, on_checkpoint=on_checkpoint).run()
+        return Trainer(plan, out_dir, tracker, loss_csv, dist_info, on_checkpoint=on_checkpoint,
+                       probes_csv=probes_csv).run()
 
 
 def train(plan: TrainPlan, out_dir: str | Path, tracker: Tracker | None = None, loss_csv: str | Path | None = None,
-          on_checkpoint: CheckpointCallback | None = None) -> dict[str, Any]:
+          on_checkpoint: CheckpointCallback | None = None, probes_csv: str | Path | None = None) -> dict[str, Any]:
     """Pretrain with `plan` (see `run_pretraining`)."""
     if plan.cfg.nproc == 1:
-        return train_worker(plan, out_dir, tracker, loss_csv, on_checkpoint=on_checkpoint)
+        return train_worker(plan, out_dir, tracker, loss_csv, on_checkpoint=on_checkpoint, probes_csv=probes_csv)
     if on_checkpoint is not None:
         raise ConfigError(f"nproc: an on_checkpoint callback needs an in-process run (nproc 1), got nproc "
                           f"{plan.cfg.nproc}")
-    return launch_torchrun(plan.cfg, plan.shards.root, out_dir, tracker, loss_csv)
+    return launch_torchrun(plan.cfg, plan.shards.root, out_dir, tracker, loss_csv, probes_csv)
 
 
 def run_pretraining(cfg: PretrainConfig | Mapping[str, Any], shard_dir: str | Path, out_dir: str | Path,
                     tracker: Tracker | None = None, loss_csv: str | Path | None = None,
-                    on_checkpoint: CheckpointCallback | None = None) -> dict[str, Any]:
+                    on_checkpoint: CheckpointCallback | None = None,
+                    probes_csv: str | Path | None = None) -> dict[str, Any]:
     """Pretrain ``cfg.method`` (I-JEPA by default) on the train split of `shard_dir`; outputs
     in `out_dir`. Everything is validated before any work.
 
@@ -69,8 +73,9 @@ def run_pretraining(cfg: PretrainConfig | Mapping[str, Any], shard_dir: str | Pa
     that contradicts it raises ResumeMismatchError); a finished run only re-exports.
     Returns the run summary (also written to ``out_dir/summary.json``).
     `on_checkpoint(step, encoder)`: see `ijepa.trainer.loop` (in-process runs only, nproc 1).
+    `probes_csv`: the probes-along-training history (``monitor``; default ``out_dir/probes.csv``).
     """
-    return train(prepare(cfg, shard_dir), out_dir, tracker, loss_csv, on_checkpoint)
+    return train(prepare(cfg, shard_dir), out_dir, tracker, loss_csv, on_checkpoint, probes_csv)
 
 
 _ERRORS: dict[str, type[BaseException]] = {
@@ -81,16 +86,18 @@ _ERRORS: dict[str, type[BaseException]] = {
 
 
 def torchrun_command(cfg_path: Path, shard_dir: str | Path, out_dir: str | Path, nproc: int,
-                     loss_csv: str | Path | None = None) -> list[str]:
+                     loss_csv: str | Path | None = None, probes_csv: str | Path | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "ijepa.pretrain_main", "--config", str(cfg_path), "--shards", str(shard_dir), "--out", str(out_dir)]
     if loss_csv is not None:
         cmd += ["--loss-csv", str(loss_csv)]
+    if probes_csv is not None:
+        cmd += ["--probes-csv", str(probes_csv)]
     return cmd + ["--skip-verify"]  # the launcher verified the shards already
 
 
 def launch_torchrun(cfg: PretrainConfig, shard_dir: str | Path, out_dir: str | Path, tracker: Tracker | None = None,
-                    loss_csv: str | Path | None = None) -> dict[str, Any]:
+                    loss_csv: str | Path | None = None, probes_csv: str | Path | None = None) -> dict[str, Any]:
     """Run `cfg.nproc` processes with torchrun; surface a child's error; return the summary."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -104,7 +111,7 @@ def launch_torchrun(cfg: PretrainConfig, shard_dir: str | Path, out_dir: str | P
         env.update(tracker.run_env())
     src = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    cmd = torchrun_command(cfg_path, shard_dir, out, cfg.nproc, loss_csv)
+    cmd = torchrun_command(cfg_path, shard_dir, out, cfg.nproc, loss_csv, probes_csv)
     log.info("launching: %s", " ".join(cmd))
     tail: deque[bytes] = deque(maxlen=64)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -142,6 +149,12 @@ def _replay(tracker: Tracker, summary: Mapping[str, Any], cfg: PretrainConfig) -
         for row in LossHistory.read_csv(csv_path):
             step = int(row.pop("step"))
             tracker.log_metrics({k: v for k, v in row.items() if math.isfinite(v)}, step)
+    probes_csv = summary.get("probes_csv")
+    if probes_csv and Path(probes_csv).exists():
+        for row in LossHistory.read_csv(probes_csv):
+            step = int(row.pop("step"))
+            tracker.log_metrics({f"{METRIC_PREFIX}{k}": v for k, v in row.items() if k != "seconds" and math.isfinite(v)},
+                                step)
     tracker.set_tag("pretrain_status", summary.get("status", "finished"))
     for key in ("loss_png", "loss_csv"):
         if summary.get(key):

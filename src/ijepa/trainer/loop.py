@@ -14,6 +14,9 @@ One iteration (`Trainer.train_step`), one optimiser step:
   log      every log_every steps: the window's losses read from the device in one transfer
            (NonFiniteLossError at the first NaN/inf), lr, wd, momentum, images/s, grad norm,
            collapse signals; nothing else leaves the device between log steps
+  probes   at every monitor.every_checkpoints-th checkpoint step and at the end (monitor.enabled):
+           rank 0 scores a copy of the exported encoder on the val split (kNN, linear) before
+           the checkpoint, the other ranks wait at a barrier (ijepa.trainer.probing)
   ckpt     every checkpoint_every steps and at the end: losses checked first; a CPU copy
            of the state (full tensors under FSDP) written by a background thread on rank 0
            (atomic; last K kept; one at a time; waited for at the end)
@@ -25,6 +28,7 @@ with deterministic settings on CPU it reproduces an uninterrupted run bit for bi
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import sys
@@ -53,6 +57,7 @@ from ijepa.trainer.logbook import Logbook
 from ijepa.trainer.losses import LossWindow, NonFiniteLossError
 from ijepa.trainer.optim import build_optimizer, build_schedules
 from ijepa.trainer.plan import TrainPlan
+from ijepa.trainer.probing import ProbeMonitor
 from ijepa.trainer.process import seed_everything
 from ijepa.trainer.state import StateMixin
 from ijepa.trainer.steps import StepMixin
@@ -78,7 +83,7 @@ class Trainer(StepMixin, StateMixin):
 
     def __init__(self, plan: TrainPlan, out_dir: str | Path, tracker: Tracker | None = None,
                  loss_csv: str | Path | None = None, dist_info: DistInfo | None = None,
-                 on_checkpoint: CheckpointCallback | None = None):
+                 on_checkpoint: CheckpointCallback | None = None, probes_csv: str | Path | None = None):
         self.plan = plan
         self.cfg = plan.cfg
         self.shards = plan.shards
@@ -94,6 +99,9 @@ class Trainer(StepMixin, StateMixin):
         self.history = self.logbook.history
         self.losses = LossWindow(self.dist)
         self.writer = CheckpointWriter(self.ckpt_dir, self.cfg.keep_last)
+        self.probes = ProbeMonitor(self.cfg.monitor, self.shards.root, self.out_dir,
+                                   Path(probes_csv) if probes_csv is not None else self.out_dir / "probes.csv",
+                                   self.tracker, self.cfg.checkpoint_every, self.dist.is_main)
         self.resumed_from: int | None = None
         self.last_checkpoint: Path | None = None
         self.saved_step: int | None = None
@@ -185,10 +193,25 @@ class Trainer(StepMixin, StateMixin):
                     self.log(self.read_stats(stats), time.perf_counter() - t0, n, bar)
                     t0, n = time.perf_counter(), 0
                 if is_ckpt:
+                    self._probe_along()  # before the checkpoint: it keeps its own step's score
                     self.save_checkpoint()
                     self._after_checkpoint()
         finally:
             bar.close()
+
+    def _probe_along(self) -> None:
+        """Probes along training at this step when due (ijepa.trainer.probing): rank 0 scores a
+        copy of the exported encoder; every rank meets at the barrier after it."""
+        if not self.probes.due(self.step, self.total_steps):
+            return
+        gathered = self._gathered_encoder()  # FSDP: full weights on rank 0 (a collective, every rank)
+        if self.dist.is_main:
+            self.writer.wait()  # the checkpoint in flight is complete before best folders rotate
+            encoder = gathered if gathered is not None else copy.deepcopy(self.method.export_encoder())
+            encoder.eval().requires_grad_(False)  # a copy: the live modules keep their mode and flags
+            self.probes.record(self.step, encoder, self.device, metadata=self._encoder_metadata())
+            del encoder
+        barrier(self.dist)
 
     def _after_checkpoint(self) -> None:
         if self.on_checkpoint is None or not self.dist.is_main:
@@ -198,15 +221,27 @@ class Trainer(StepMixin, StateMixin):
 
     def export(self, encoder: nn.Module | None = None) -> Path:
         """The method's exported encoder (rank 0), in the format `ijepa.load_encoder` reads."""
-        from ijepa.export import save_encoder
+        from ijepa.export import load_encoder, save_encoder
 
-        meta = {"dataset": self.shards.dataset, "manifest_sha256": self.shards.manifest_sha256,
+        meta = self._encoder_metadata()
+        if self.probes.enabled:
+            meta["monitor"] = self.probes.summary()
+        meta["export"] = self.cfg.export
+        if self.cfg.export == "best":  # the best-scoring step's encoder, kept by ijepa.trainer.probing
+            best_dir = self.probes.best_encoder_dir()
+            encoder = load_encoder(best_dir)
+            meta["step"] = self.probes.best()["step"]
+            meta["epochs"] = meta["step"] / self.steps_per_epoch
+        return save_encoder(encoder if encoder is not None else self.method.export_encoder(),
+                            self.out_dir / ENCODER_SUBDIR, metadata=meta)
+
+    def _encoder_metadata(self) -> dict[str, Any]:
+        """encoder.json's metadata of the encoder at this step (`step`: the step its weights are from)."""
+        return {"dataset": self.shards.dataset, "manifest_sha256": self.shards.manifest_sha256,
                 "shard_dir": str(self.shards.root), "step": self.step, "total_steps": self.total_steps,
                 "epochs": self.step / self.steps_per_epoch, "final_loss": self.final_loss(),
                 "config": self.cfg.to_dict(), "derived": self.derived(),
                 "source": f"ijepa.methods.{self.cfg.method} ({type(self.method).__name__}.export_encoder)"}
-        return save_encoder(encoder if encoder is not None else self.method.export_encoder(),
-                            self.out_dir / ENCODER_SUBDIR, metadata=meta)
 
     def _gathered_encoder(self) -> nn.Module | None:
         """Under FSDP: the exported encoder with full weights, on CPU (a collective; rank 0
@@ -230,29 +265,38 @@ class Trainer(StepMixin, StateMixin):
             self.flush_losses()
             self.save_checkpoint()
         self.writer.wait()  # the last checkpoint is complete before anything reports success
+        self.probes.settle()
         counts = self._gather_batch_counts()
-        encoder = self._gathered_encoder()
+        encoder = self._gathered_encoder() if self.cfg.export == "last" else None
         if self.dist.is_main:
             enc_path = self.export(encoder)
             self.history.write_csv(self.loss_csv)
             png = self.out_dir / "loss.png"
             from ijepa.viz.training import save_loss_curve_png
 
-            save_loss_curve_png(self.history, png, title=f"{self.method.title} pretraining: {self.shards.dataset}")
+            save_loss_curve_png(self.history, png, title=f"{self.method.title} pretraining: {self.shards.dataset}",
+                                probes=self.probes.history if self.probes.history.rows else None)
             summary = {
                 "status": "finished", "steps": self.step, "total_steps": self.total_steps,
                 "epochs": self.step / self.steps_per_epoch, "final_loss": self.final_loss(),
                 "resumed_from_step": self.resumed_from, "encoder_dir": str(enc_path.parent),
                 "checkpoint": str(self.last_checkpoint), "loss_csv": str(self.loss_csv), "loss_png": str(png),
                 "collapse_warnings": self.logbook.collapse_warnings, "batches_per_rank": counts,
-                "out_dir": str(self.out_dir), **self.derived(),
+                "out_dir": str(self.out_dir), "export": self.cfg.export,
+                "exported_step": self.probes.best()["step"] if self.cfg.export == "best" else self.step,
+                **self.derived(),
             }
+            if self.probes.enabled:
+                summary["probes"] = self.probes.summary()
+                summary["probes_csv"] = str(self.probes.csv_path)
             ips = [r["img_per_s"] for r in self.history.rows if r.get("img_per_s") is not None
                    and math.isfinite(r["img_per_s"])]
             summary["img_per_s"] = float(np.median(ips)) if ips else None
             atomic.write_json(self.out_dir / SUMMARY, summary)
             self.tracker.log_artifact(png)
             self.tracker.log_artifact(self.loss_csv)
+            if self.probes.enabled and self.probes.csv_path.is_file():
+                self.tracker.log_artifact(self.probes.csv_path)
             self.tracker.set_tag("pretrain_status", "finished")
         barrier(self.dist)
         return summary
@@ -275,6 +319,8 @@ class Trainer(StepMixin, StateMixin):
             (self.out_dir / SUMMARY).unlink(missing_ok=True)  # written again when this run finishes
             if not resumed and self.loss_csv.exists():
                 self.loss_csv.unlink()  # a stale CSV from an earlier run must not mix in
+            if not resumed:
+                self.probes.start_fresh()
             atomic.write_json(self.out_dir / "config.json", {"config": self.cfg.to_dict(), "derived": self.derived()})
             self.tracker.log_params({**self.cfg.to_dict(), "derived": self.derived()})
             self.tracker.set_tag("pretrain_status", "running")

@@ -1,6 +1,6 @@
 """Everything checked before a run does any work, done once: the typed config, the shard
-folder's manifest (sha256-verified at most once), the model config for its images and the
-method's batch masker on its patch grid."""
+folder's manifest (sha256-verified at most once), the model config for its images, the
+method's batch masker on its patch grid, and what probes along training need (val split, labels)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,6 +11,7 @@ from ijepa.methods import Masker, Method, get_method
 from ijepa.models import ModelConfig
 from ijepa.train_config import PretrainConfig, load_config, model_and_masker
 from ijepa.train_data import ShardInfo, read_shard_info
+from ijepa.trainer.probing import check_monitor_data
 
 __all__ = ["TrainPlan", "prepare"]
 
@@ -41,4 +42,9 @@ def prepare(cfg: PretrainConfig | Mapping[str, Any] | None, shard_dir: str | Pat
         shards = read_shard_info(shard_dir, verify=cfg.data.verify if verify is None else verify)
     model, masker = model_and_masker(cfg, shards.image_size, shards.channels, shards.train_samples,
                                      str(shards.root / "manifest.json"))
+    if cfg.monitor.enabled:
+        from ijepa.data.reader import load_manifest
+
+        check_monitor_data(cfg.monitor, load_manifest(shards.root), model.encoder.depth,
+                           str(shards.root / "manifest.json"))
     return TrainPlan(cfg, shards, model, masker)

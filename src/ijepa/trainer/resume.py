@@ -19,7 +19,7 @@ from ijepa import checkpoint as ckpt
 from ijepa.config import ConfigError, as_dict
 from ijepa.methods import METHODS
 from ijepa.tracking import NullTracker, Tracker
-from ijepa.train_config import RESUME_SAFE_FIELDS, PretrainConfig
+from ijepa.train_config import RESUME_SAFE_FIELDS, MonitorConfig, PretrainConfig
 
 __all__ = ["ResumeMismatchError", "config_differences", "resume_problems", "retire_stale_checkpoints"]
 
@@ -43,8 +43,11 @@ def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def _normalised(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """A config mapping with the method's options filled in with their defaults, so that
     ``{}`` and the explicit defaults compare equal. Checkpoints from before `method`
-    existed are I-JEPA; before `method_options`, MAE's options lived in a section `mae`."""
+    existed are I-JEPA; before `method_options`, MAE's options lived in a section `mae`; before
+    `monitor` and `export`, no probes ran along training and the last step was exported."""
     out = dict(cfg)
+    out.setdefault("monitor", as_dict(MonitorConfig()))
+    out.setdefault("export", "last")
     method = out.setdefault("method", "ijepa")
     legacy = out.pop("mae", None)
     raw = out.get("method_options") or (legacy if method == "mae" and legacy else {})

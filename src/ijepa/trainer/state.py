@@ -46,6 +46,7 @@ class StateMixin:
                      "global_batch": self.global_batch, "world_size": self.dist.world_size, "seed": self.cfg.seed},
             "config": self.cfg.to_dict(), "dataset": self.shards.dataset,
             "manifest_sha256": self.shards.manifest_sha256, **self.logbook.state_dict(),
+            "probes": self.probes.state_dict(),
         }
 
     def save_checkpoint(self) -> Path | None:
@@ -87,6 +88,7 @@ class StateMixin:
         self.schedules.load_state_dict(state["schedules"])
         self.step = int(state["step"])
         self.logbook.load_state_dict(state, self.step)
+        self.probes.load_state_dict(state.get("probes"), self.step)
         per_rank = state.get("rng_per_rank") or [state["rng"]]
         ckpt.set_rng_state(per_rank[self.dist.rank] if self.dist.rank < len(per_rank) else state["rng"])
         self.resumed_from = self.step

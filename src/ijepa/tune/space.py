@@ -101,9 +101,10 @@ def trial_pretrain_params(base: Mapping[str, Any], cfg: TuneConfig, params: Mapp
         optim["batch_size"] = t.batch_size
     if "lr" in params:
         optim["lr"] = float(params["lr"])
-    # the study verified the shards once; every trial reads the same ones
+    # the study verified the shards once; every trial reads the same ones. Probes along training
+    # are off: the objective scores the val split at every checkpoint itself (on_checkpoint)
     run = {"checkpoint_every": t.eval_every, "keep_last": 1, "progress": False, "nproc": 1,
-           "data": {"verify": False}}
+           "data": {"verify": False}, "monitor": {"enabled": False}, "export": "last"}
     if threads is not None and out.get("threads") is None:
         run["threads"] = threads
     log_every = int(out.get("log_every", 10))

@@ -1,8 +1,9 @@
 """Loss curve of a pretraining run (matplotlib, Agg; no pyplot state).
 
 Top: loss per logged step (log scale when positive) with the learning rate on a twin axis.
-Bottom: the collapse signals (target feature std, effective rank) when recorded.
-Accepts a `LossHistory`, a list of row dicts, or the path of the loss CSV.
+Then the collapse signals (target feature std, effective rank) when recorded, and the val
+top-1 of probes along training (kNN, linear) when `probes` rows are given.
+Accepts a `LossHistory`, a list of row dicts, or the path of the loss CSV (and so for `probes`).
 """
 from __future__ import annotations
 
@@ -39,12 +40,14 @@ def _series(rows: Iterable[Mapping[str, Any]], name: str) -> tuple[list[float], 
     return xs, ys
 
 
-def plot_loss_curve(history: Any, title: str = "I-JEPA pretraining") -> Figure:
+def plot_loss_curve(history: Any, title: str = "I-JEPA pretraining", probes: Any = None) -> Figure:
     rows = _rows(history)
+    probe_rows = _rows(probes) if probes is not None else []
     has_collapse = any(r.get("effective_rank") not in (None, "") and math.isfinite(float(r["effective_rank"]))
                        for r in rows)
-    fig = Figure(figsize=(7.5, 6.0 if has_collapse else 3.8), layout="constrained")
-    axes = fig.subplots(2 if has_collapse else 1, 1, sharex=True, squeeze=False)[:, 0]
+    n = 1 + int(has_collapse) + int(bool(probe_rows))
+    fig = Figure(figsize=(7.5, 3.8 + 2.2 * (n - 1)), layout="constrained")
+    axes = fig.subplots(n, 1, sharex=True, squeeze=False)[:, 0]
     ax = axes[0]
     xs, ys = _series(rows, "loss")
     ax.plot(xs, ys, color="#1f77b4", lw=1.4, label="loss")
@@ -70,13 +73,23 @@ def plot_loss_curve(history: Any, title: str = "I-JEPA pretraining") -> Figure:
             bx2 = bx.twinx()
             bx2.plot(sx, sy, color="#d62728", lw=1.0, label="target std")
             bx2.set_ylabel("target feature std", color="#d62728")
+    if probe_rows:
+        px = axes[-1]
+        for name, label, color in (("knn_top1", "kNN", "#9467bd"), ("linear_top1", "linear", "#8c564b")):
+            xs, ys = _series(probe_rows, name)
+            if ys:
+                px.plot(xs, ys, color=color, lw=1.2, marker="o", ms=3, label=label)
+        px.set_ylabel("val top-1")
+        px.grid(alpha=0.3)
+        px.legend(loc="lower right", fontsize=8)
     axes[-1].set_xlabel("step")
     return fig
 
 
-def save_loss_curve_png(history: Any, path: str | Path, title: str = "I-JEPA pretraining", dpi: int = 110) -> Path:
+def save_loss_curve_png(history: Any, path: str | Path, title: str = "I-JEPA pretraining", dpi: int = 110,
+                        probes: Any = None) -> Path:
     """Plot and write the PNG atomically; returns the path."""
-    fig = plot_loss_curve(history, title)
+    fig = plot_loss_curve(history, title, probes)
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=dpi)
     return Path(path)
