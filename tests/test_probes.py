@@ -502,7 +502,17 @@ def test_probe_figures_write_pngs(tmp_path):
                                       "pixels": 0.7, "pixels_std": 0.015, "n_labels": 540, "seeds": 3}},
                "skipped": {"count": "dataset has no count labels"}}
     fig = plot_probe_bars(metrics)
-    assert len(fig.axes[0].patches) == 6
+    assert len(fig.axes) == 1 and len(fig.axes[0].patches) == 6
+    # the families side by side: a panel per label, a group per family in it
+    metrics["probes"].update({"depth": {"ijepa": 0.6, "pixels": 0.8, "n_labels": 80},
+                              "attentive_cls": {"ijepa": 0.9, "random_init": 0.8, "pixels": 0.85, "n_labels": 54000},
+                              "attentive_depth": {"ijepa": 0.85, "pixels": 0.8, "n_labels": 80},
+                              "knn_cls": {"ijepa": 0.8, "random_init": 0.7, "pixels": 0.8, "n_labels": 54000}})
+    fig = plot_probe_bars(metrics)
+    assert [ax.get_title() for ax in fig.axes] == ["class (cls)", "depth"]
+    assert [t.get_text().split("\n")[0] for t in fig.axes[0].get_xticklabels()] == ["linear", "low-shot", "attentive",
+                                                                                    "kNN"]
+    assert len([p for p in fig.axes[1].patches if np.isfinite(p.get_height())]) == 4  # ijepa + pixels, 2 families
     cm = [[5, 1, 0], [0, 6, 0], [1, 0, 4]]
     assert plot_confusion(cm, ["a", "b", "c"]).axes
     with pytest.raises(ValueError, match="class names"):

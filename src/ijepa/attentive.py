@@ -9,7 +9,8 @@ token(s) cross-attend to every patch token of the frozen encoder's last layer::
     z     = z + MLP(LayerNorm(z))                            optional (mlp_ratio 0: none)
     logit = head(mean over queries of z)
 
-**Computed without projecting the tokens.** With one learned query per head, the keys enter
+**Computed without projecting the tokens.** The queries are learned, not functions of the
+tokens, so for each query and head the keys enter
 only through q_h . (W_k x_t) = (W_k^T q_h) . x_t and the values only through
 W_v (sum_t a_t x_t) + b_v (the weights sum to 1; a key bias would add the same q.b to every
 token and cancel in the softmax, so the key map has none). `AttentiveProbe.forward` evaluates
@@ -25,8 +26,11 @@ x . (u / s) (the m term is the same for every token and cancels in the softmax) 
 as (sum_t a_t x_t - m) / s, so no per-token arithmetic remains. `fit_attentive_probe` trains
 with AdamW (linear warmup, cosine decay) on cached tokens; where `precision` resolves to bf16
 (`ijepa.precision`: CPUs with native bf16) the two token products run in bf16 on the tokens as
-cached (bf16), the rest of the probe in fp32; it evaluates val top-1 after every epoch and keeps the weights of the best epoch (ties: the earlier); test top-1 is read with
-those.
+cached (bf16), the rest of the probe in fp32; it evaluates val top-1 after every epoch and
+keeps the weights of the best epoch (ties: the earlier); test top-1 is read with those.
+`fit_attentive_probes` trains the probes of several labels on the same tokens at once:
+independent weights, losses and epoch choices, one pass over the tokens for all of them
+(`joint_logits`), which is where a CPU spends a probe's time.
 
 The raw-pixel baseline reads `pixel_patch_tokens`: the image cut into the encoder's patches,
 each patch's pixels one token, with a fixed 2-D sin-cos code of its grid position appended
@@ -56,6 +60,10 @@ __all__ = ["AttentiveConfig", "AttentiveProbe", "AttentiveResult", "fit_attentiv
 log = logging.getLogger(__name__)
 
 _EVAL_BATCH = 1024
+# Query N(0, 1), weights N(0, 1/fan_in): unit-scale activations from the start. With weights of
+# std 0.02 (V-JEPA's init; at width 16) the query-key products start near zero, attention stays
+# uniform (mean pooling) for epochs, and a short probe learns less: on the position task of the
+# tests, 12 epochs, test top-1 0.47 against 0.79 at lr 3e-3, 0.89 against 0.93 at 1e-2 (no MLP).
 INIT_STD = 1.0
 
 
