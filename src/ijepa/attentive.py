@@ -77,8 +77,8 @@ class AttentiveConfig:
     mlp_ratio: float = 1.0          # residual MLP after the cross-attention (hidden = ratio * width); 0: none
     epochs: int = 10                # AdamW epochs; the best on val top-1 is kept
     warmup_epochs: int = 1          # linear learning-rate warmup, then cosine decay to 0
-    batch_size: int = 128
-    lr: float = 2e-3
+    batch_size: int = 256
+    lr: float = 3e-3
     weight_decay: float = 0.05
     position_dim: int = 32          # raw-pixel tokens: sin-cos grid position code appended (multiple of 4)
 
