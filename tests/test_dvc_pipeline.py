@@ -83,6 +83,7 @@ def _tiny(root: Path, total_steps: int = 6, checkpoint_every: int = 3) -> None:
         # n_last 1: the tiny encoder has 2 blocks, so no last-4-layer features
         p["probe"]["common"].update(max_iter=5, weight_decays=[0.001], lowshot_per_class=2,
                                     lowshot_seeds=2, feature_batch_size=64, n_last=1)
+        p["probe"]["common"]["attentive"].update(epochs=2, warmup_epochs=1)
         p["probe"]["scenes"] = {}
 
     _edit(root / "conf/base/parameters_shard.yml", shard)
@@ -110,8 +111,10 @@ def test_repro_chain_noop_and_selective_reruns(project):
     # the console handler wraps long messages, so only the start of the line is matched
     assert re.search(r"probe fit 1/\d+:", first), first[-3000:]
     probes = json.loads((project / "reports/scenes/probes.json").read_text())
-    assert set(probes["probes"]) == {"linear", "lowshot", "count", "depth"}
-    assert {"ijepa", "random_init", "pixels"} <= set(probes["probes"]["count"])
+    assert set(probes["probes"]) == {"linear", "lowshot", "count", "depth", "attentive_cls", "attentive_count",
+                                     "attentive_depth", "knn_cls", "knn_count", "knn_depth"}
+    for row in ("count", "attentive_depth", "knn_cls"):
+        assert {"ijepa", "random_init", "pixels"} <= set(probes["probes"][row])
 
     # nothing changed: nothing runs
     assert _ran(_run(dvc + ["repro", "probe@scenes"], project)) == set()

@@ -1,4 +1,5 @@
-"""Downstream probes: linear heads, low-shot sampling, feature cache, run_probes end to end, figures."""
+"""Downstream probes: linear heads, attentive probes, kNN rows, low-shot sampling, feature and token
+cache, run_probes end to end, figures."""
 from __future__ import annotations
 
 import json
@@ -15,10 +16,14 @@ from ijepa.config import ConfigError, from_mapping
 from ijepa.export import EncoderFileError, file_sha256, save_encoder
 from ijepa.linear import fit_linear_probe
 from ijepa.models import EncoderConfig, ViTEncoder
-from ijepa.probes import ProbeConfig, ProbeError, lowshot_counts, lowshot_indices, run_probes
+from ijepa.attentive import (AttentiveConfig, AttentiveProbe, fit_attentive_probe, pixel_patch_tokens,
+                             with_position_code)
+from ijepa.probes import PROBES, ProbeConfig, ProbeError, lowshot_counts, lowshot_indices, run_probes
 
 TINY = tiny_encoder_config(img_size=8, embed_dim=16, depth=1)
-FAST = {"max_iter": 40, "weight_decays": [1e-3, 1e-1], "lowshot_per_class": 2, "feature_batch_size": 64}
+FAST = {"max_iter": 40, "weight_decays": [1e-3, 1e-1], "lowshot_per_class": 2, "feature_batch_size": 64,
+        "attentive": {"epochs": 3, "warmup_epochs": 1, "batch_size": 16, "mlp_ratio": 1.0, "position_dim": 8}}
+MODELS = {"ijepa", "random_init", "pixels"}
 
 
 # ----------------------------------------------------------------------------- config
@@ -27,14 +32,38 @@ FAST = {"max_iter": 40, "weight_decays": [1e-3, 1e-1], "lowshot_per_class": 2, "
 def test_config_defaults_and_errors_name_the_field():
     cfg = from_mapping(ProbeConfig, {}, "probe")
     assert cfg.n_last == 1 and cfg.batchnorm and cfg.lowshot_fraction == 0.01 and cfg.lowshot_seeds == 3
-    assert cfg.probes == ("linear", "lowshot", "count", "depth") and cfg.baselines == ("random_init", "pixels")
+    assert cfg.probes == PROBES and cfg.baselines == ("random_init", "pixels")
+    assert PROBES[:4] == ("linear", "lowshot", "count", "depth")
+    assert {"attentive_cls", "attentive_count", "attentive_depth", "knn_cls", "knn_count", "knn_depth"} <= set(PROBES)
+    assert cfg.attentive == AttentiveConfig() and (cfg.knn.k, cfg.knn.temperature) == (20, 0.07)
     for bad, needle in [({"n_last": 2}, "n_last"), ({"probes": ["linear", "bogus"]}, "probe.probes"),
                         ({"baselines": ["pixels", "pixels"]}, "baselines"), ({"lowshot_seeds": 0}, "lowshot_seeds"),
                         ({"lowshot_fraction": 0.0}, "lowshot_fraction"), ({"weight_decays": []}, "weight_decays"),
                         ({"lowshot_per_class": 0}, "lowshot_per_class"), ({"solver": "sgd"}, "probe.solver"),
-                        ({"batchnorm": 1}, "probe.batchnorm"), ({"n_lats": 1}, "n_lats")]:
+                        ({"batchnorm": 1}, "probe.batchnorm"), ({"n_lats": 1}, "n_lats"),
+                        ({"knn": {"k": 0}}, r"probe.knn: knn.k must be >= 1, got 0"),
+                        ({"knn": {"temperature": -1}}, r"knn.temperature must be positive, got -1"),
+                        ({"attentive": {"heads": 3, "width": 16}}, r"attentive.width 16 is not divisible by "
+                                                                    r"attentive.heads 3"),
+                        ({"attentive": {"epochs": 0}}, r"attentive.epochs must be >= 1, got 0"),
+                        ({"attentive": {"warmup_epochs": 5, "epochs": 5}}, r"attentive.warmup_epochs must be in"),
+                        ({"attentive": {"lr": 0}}, r"attentive.lr must be positive"),
+                        ({"attentive": {"position_dim": 6}}, r"attentive.position_dim must be a positive multiple"),
+                        ({"attentive": {"epoch": 3}}, r"probe.attentive: unknown field\(s\) \['epoch'\]")]:
         with pytest.raises(ConfigError, match=needle):
             from_mapping(ProbeConfig, bad, "probe")
+
+
+def test_probe_parameter_files_load_for_every_dataset_and_job():
+    """conf/base and the longer job's conf/full (merged over base) give valid ProbeConfigs."""
+    from ijepa.params import probe_mapping, read_parameters
+
+    root = Path(__file__).resolve().parents[1]
+    for dirs in (["conf/base"], ["conf/base", "conf/full"]):
+        params = read_parameters([root / d for d in dirs])
+        for dataset in ("scenes", "fashion_mnist", "imagefolder"):
+            cfg = from_mapping(ProbeConfig, probe_mapping(params, dataset), "probe")
+            assert set(cfg.probes) == set(PROBES)
 
 
 # ----------------------------------------------------------------------------- linear heads
@@ -74,6 +103,68 @@ def test_linear_probe_is_deterministic_and_adam_solver_learns():
     assert torch.equal(a.weight, b.weight) and a.weight_decay == b.weight_decay
     adam = fit_linear_probe(tx, ty, vx, vy, 4, [1e-3], solver="adam", epochs=15, lr=0.05, batch_size=128)
     assert abs(adam.top1(sx, sy) - a.top1(sx, sy)) < 0.05
+
+
+# ----------------------------------------------------------------------------- attentive probe
+
+
+def test_attentive_forward_equals_textbook_cross_attention():
+    torch.manual_seed(0)
+    probe = AttentiveProbe(in_dim=12, n_classes=5, width=16, heads=4, queries=2, mlp_ratio=2.0)
+    for p in probe.parameters():  # away from the init (zero biases) so every term counts
+        torch.nn.init.normal_(p, std=0.3)
+    probe.set_input_stats(torch.randn(12), torch.rand(12) + 0.5)  # standardisation folded into the products
+    x = torch.randn(3, 7, 12) * 2 + 1
+    fast, ref = probe(x), probe.forward_reference(x)
+    assert fast.shape == (3, 5)
+    assert torch.allclose(fast, ref, atol=1e-5), (fast - ref).abs().max()
+
+
+def _where_tokens(n: int, gen: torch.Generator, t: int = 16, d: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens carrying a position code plus noise; one token per sample is made bright, the label
+    is which quarter of the positions holds it. The mean over tokens is the same for every label."""
+    pos = torch.randn(t, d, generator=gen)
+    bright = 4.0 * torch.randn(d, generator=gen)
+    y = torch.randint(0, 4, (n,), generator=gen)
+    where = y * (t // 4) + torch.randint(0, t // 4, (n,), generator=gen)
+    x = pos + 0.3 * torch.randn(n, t, d, generator=gen)
+    x[torch.arange(n), where] += bright
+    return x, y
+
+
+def test_attentive_probe_learns_where_mean_pooling_cannot():
+    gen = torch.Generator().manual_seed(0)
+    x, y = _where_tokens(1024, gen)
+    tx, ty, vx, vy, sx, sy = _split(x, y, 640, 192)
+    cfg = AttentiveConfig(epochs=12, warmup_epochs=1, batch_size=64, lr=1e-2, mlp_ratio=1.0)
+    fitted = fit_attentive_probe(cfg, tx, ty, vx, vy, 4, seed=0)
+    linear = fit_linear_probe(tx.mean(1), ty, vx.mean(1), vy, 4, [1e-4, 1e-2], max_iter=100)
+    attentive_top1, linear_top1 = fitted.top1(sx, sy), linear.top1(sx.mean(1), sy)
+    assert attentive_top1 >= 0.85 and linear_top1 <= 0.45, (attentive_top1, linear_top1)
+    # the kept weights are those of the best val epoch, and reproduce its val top-1
+    assert len(fitted.val_top1) == 12 and fitted.val_top1[fitted.epoch - 1] == max(fitted.val_top1)
+    assert fitted.top1(vx, vy) == max(fitted.val_top1)
+    again = fit_attentive_probe(cfg, tx, ty, vx, vy, 4, seed=0)
+    assert again.val_top1 == fitted.val_top1  # deterministic for a seed
+    assert set(fitted.details(cfg)) >= {"epoch", "val_top1", "lr", "weight_decay", "width", "heads", "seconds_joint"}
+
+
+def test_pixel_patch_tokens_follow_the_encoder_token_order():
+    images = torch.arange(2 * 3 * 8 * 8).reshape(2, 3, 8, 8).to(torch.uint8)
+    tok = pixel_patch_tokens(images, 4)
+    assert tok.shape == (2, 4, 4 * 4 * 3) and tok.dtype == torch.uint8
+    # token 1 is the top-right patch: rows 0-3, columns 4-7, pixels (y, x, channel)
+    assert torch.equal(tok[1, 1].reshape(4, 4, 3), images[1, :, 0:4, 4:8].permute(1, 2, 0))
+    # the same order as the encoder's PatchEmbed (a conv with stride p, flattened row-major)
+    embed = torch.nn.Conv2d(3, 5, 4, stride=4, bias=False)
+    conv = embed(images.float()).flatten(2).transpose(1, 2)
+    lin = tok.float() @ embed.weight.permute(0, 2, 3, 1).reshape(5, -1).t()
+    assert torch.allclose(conv, lin, atol=1e-3)
+    coded = with_position_code(tok, (2, 2), 8)
+    assert coded.shape == (2, 4, 48 + 8) and torch.equal(coded[0, :, 48:], coded[1, :, 48:])
+    assert not torch.equal(coded[0, 0, 48:], coded[0, 1, 48:])  # each position its own code
+    with pytest.raises(ValueError, match="not divisible by the patch size 3"):
+        pixel_patch_tokens(images, 3)
 
 
 # ----------------------------------------------------------------------------- low-shot
@@ -124,6 +215,48 @@ def test_feature_cache_reused_for_same_key_recomputed_otherwise(tmp_path):
     feats_mod.cached_features(tmp_path, "aaa", 1, "val", "fp", compute)
     assert len(calls) == 6
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_token_cache_reuse_and_invalidation(tmp_path):
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return torch.full((5, 3), float(len(calls))), torch.full((5, 4, 2), float(len(calls)))
+
+    feats, toks = feats_mod.cached_features(tmp_path, "aaa", 1, "train", "fp", compute, tokens=True)
+    assert toks.shape == (5, 4, 2) and toks.dtype == feats_mod.TOKEN_DTYPE and feats.dtype == torch.float32
+    again = feats_mod.cached_features(tmp_path, "aaa", 1, "train", "fp", compute, tokens=True)
+    assert len(calls) == 1 and torch.equal(again[1], toks)
+    # a file with tokens also serves a features-only request
+    assert torch.equal(feats_mod.cached_features(tmp_path, "aaa", 1, "train", "fp", compute), feats)
+    feats_mod.cached_features(tmp_path, "aaa", 1, "train", "fp2", compute, tokens=True)  # shards changed
+    assert len(calls) == 2
+    # a features-only file is recomputed when tokens are asked for
+    feats_mod.cached_features(tmp_path, "bbb", 1, "train", "fp", lambda: compute()[0])
+    feats_mod.cached_features(tmp_path, "bbb", 1, "train", "fp", compute, tokens=True)
+    assert len(calls) == 4
+    feats_mod.cached_features(tmp_path, "bbb", 1, "train", "fp", compute, tokens=True)
+    assert len(calls) == 4
+
+
+def test_tokens_come_from_the_same_encoder_pass_as_the_features():
+    torch.manual_seed(0)
+    enc = ViTEncoder(tiny_encoder_config(in_chans=3, embed_dim=16, depth=2)).eval()
+    images = torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8)
+    passes = []
+    handle = enc.blocks[0].register_forward_hook(lambda *a: passes.append(1))
+    feats, toks = feats_mod.extract_features(enc, images, n_last=2, batch_size=2, progress=False, keep_tokens=True)
+    handle.remove()
+    assert len(passes) == 3  # one pass per batch of 2: the encoder ran once
+    x = images.float() / 255
+    assert torch.allclose(feats, enc.features(x, n_last=2), atol=1e-6)
+    assert toks.shape == (5, 16, 16) and toks.dtype == feats_mod.TOKEN_DTYPE
+    assert torch.allclose(toks.float(), enc(x), atol=2e-2)  # the last layer's normalised tokens, bf16
+    assert torch.allclose(toks.float().mean(1), feats[:, 16:], atol=2e-2)  # whose mean is the pooled feature
+    adapted = feats_mod.AdaptedEncoder(enc, 16, 3)
+    _, grey_toks = feats_mod.extract_features(adapted, images[:, :1], progress=False, keep_tokens=True)
+    assert grey_toks.shape == (5, 16, 16)
 
 
 def test_pixel_features_pool_large_images_only():
@@ -200,8 +333,19 @@ def test_run_probes_end_to_end_result_shape_and_cache(tmp_path, monkeypatch):
 
     assert set(metrics) == {"encoder_sha256", "probes", "skipped"}
     assert metrics["encoder_sha256"] == file_sha256(enc / "encoder.safetensors")
-    assert metrics["skipped"] == {"count": "dataset has no count labels", "depth": "dataset has no depth labels"}
-    assert set(metrics["probes"]) == {"linear", "lowshot"}
+    assert metrics["skipped"] == {p: f"dataset has no {label} labels" for label in ("count", "depth")
+                                  for p in (label, f"attentive_{label}", f"knn_{label}")}
+    assert set(metrics["probes"]) == {"linear", "lowshot", "attentive_cls", "knn_cls"}
+    for row in ("attentive_cls", "knn_cls"):
+        assert set(metrics["probes"][row]) == MODELS | {"n_labels"}
+        assert metrics["probes"][row]["n_labels"] == SPLITS["train"]
+        assert all(0.0 <= metrics["probes"][row][m] <= 1.0 for m in MODELS)
+    att = extras["details"]["attentive_cls"]["pixels"]
+    assert 1 <= att["epoch"] <= 3 and len(att["val_top1"]) == 3 and att["width"] == 16 and att["seconds"] > 0
+    assert att["trained_with"] == ["attentive_cls"]
+    assert extras["details"]["knn_cls"]["ijepa"]["k"] == 20
+    # tokens: the encoders' last layer (2x2 grid of width 16); pixels: 4x4x3 patches + an 8-dim position code
+    assert extras["token_shapes"] == {"ijepa": [4, 16], "random_init": [4, 16], "pixels": [4, 48 + 8]}
     lin, low = metrics["probes"]["linear"], metrics["probes"]["lowshot"]
     assert set(lin) == {"ijepa", "random_init", "pixels", "n_labels"} and lin["n_labels"] == SPLITS["train"]
     assert set(low) == {"ijepa", "ijepa_std", "random_init", "random_init_std", "pixels", "pixels_std",
@@ -219,6 +363,7 @@ def test_run_probes_end_to_end_result_shape_and_cache(tmp_path, monkeypatch):
     assert len(calls) == 6
     cached = sorted(p.relative_to(tmp_path / "cache").as_posix() for p in (tmp_path / "cache").rglob("*.safetensors"))
     assert len(cached) == 6 and f"{metrics['encoder_sha256']}/n_last1/train.safetensors" in cached
+    assert all(m.get("tokens") == "4x16" for m in _cache_metadata(tmp_path / "cache"))
     again, _ = run_probes(cfg, enc, shards, tmp_path / "cache", progress=False)
     assert len(calls) == 6 and again == metrics  # cached and deterministic
     # a changed encoder (new hash) is recomputed; the random-init baseline stays cached
@@ -231,14 +376,18 @@ def test_run_probes_end_to_end_result_shape_and_cache(tmp_path, monkeypatch):
 def test_run_probes_scenes_count_depth_and_n_last_4(tmp_path):
     shards = _scenes_shards(tmp_path)
     enc = _encoder(tmp_path / "enc", tiny_encoder_config(in_chans=3, embed_dim=16, depth=4))
-    cfg = dict(FAST, n_last=4, probes=["linear", "count", "depth"], baselines=["pixels"])
+    rows = ["linear", "count", "depth", "attentive_cls", "attentive_count", "attentive_depth", "knn_count",
+            "knn_depth"]
+    cfg = dict(FAST, n_last=4, probes=rows, baselines=["pixels"])
     metrics, extras = run_probes(cfg, enc, shards, tmp_path / "cache", progress=False)
     assert metrics["skipped"] == {}
-    assert set(metrics["probes"]) == {"linear", "count", "depth"}
-    for probe in ("count", "depth"):
+    assert list(metrics["probes"]) == rows
+    for probe in rows[1:]:
         assert set(metrics["probes"][probe]) == {"ijepa", "pixels", "n_labels"}
         assert metrics["probes"][probe]["n_labels"] == SPLITS["train"]
     assert extras["feature_dims"]["ijepa"] == 4 * 16
+    # the tokens are the last layer's only, whatever n_last; pixels: 4x4x3 patches of the 16-px scenes
+    assert extras["token_shapes"] == {"ijepa": [16, 16], "pixels": [16, 48 + 8]}
     assert len(extras["class_names"]) == len(extras["confusion"])  # the scene shapes
 
 
@@ -252,6 +401,10 @@ def test_label_problems_surface_before_feature_extraction(tmp_path, monkeypatch)
                                  progress=False)
     assert metrics["probes"] == {} and set(metrics["skipped"]) == {"count", "depth"}
     assert calls == [] and extras["confusion"] is None
+    with pytest.raises(ConfigError, match=r"attentive.width 16 \(null: the encoder's token width\) is not "
+                                          r"divisible by attentive.heads 3"):
+        run_probes(dict(FAST, attentive={"heads": 3}), enc, shards, tmp_path / "cache", progress=False)
+    assert calls == []
 
 
 def test_mismatched_encoder_and_shards_name_both_values(tmp_path):
@@ -349,7 +502,17 @@ def test_probe_figures_write_pngs(tmp_path):
                                       "pixels": 0.7, "pixels_std": 0.015, "n_labels": 540, "seeds": 3}},
                "skipped": {"count": "dataset has no count labels"}}
     fig = plot_probe_bars(metrics)
-    assert len(fig.axes[0].patches) == 6
+    assert len(fig.axes) == 1 and len(fig.axes[0].patches) == 6
+    # the families side by side: a panel per label, a group per family in it
+    metrics["probes"].update({"depth": {"ijepa": 0.6, "pixels": 0.8, "n_labels": 80},
+                              "attentive_cls": {"ijepa": 0.9, "random_init": 0.8, "pixels": 0.85, "n_labels": 54000},
+                              "attentive_depth": {"ijepa": 0.85, "pixels": 0.8, "n_labels": 80},
+                              "knn_cls": {"ijepa": 0.8, "random_init": 0.7, "pixels": 0.8, "n_labels": 54000}})
+    fig = plot_probe_bars(metrics)
+    assert [ax.get_title() for ax in fig.axes] == ["class (cls)", "depth"]
+    assert [t.get_text().split("\n")[0] for t in fig.axes[0].get_xticklabels()] == ["linear", "low-shot", "attentive",
+                                                                                    "kNN"]
+    assert len([p for p in fig.axes[1].patches if np.isfinite(p.get_height())]) == 4  # ijepa + pixels, 2 families
     cm = [[5, 1, 0], [0, 6, 0], [1, 0, 4]]
     assert plot_confusion(cm, ["a", "b", "c"]).axes
     with pytest.raises(ValueError, match="class names"):

@@ -1,4 +1,5 @@
-"""Probe stage: linear / low-shot / count / depth on the frozen target encoder (ijepa.probes).
+"""Probe stage: linear / low-shot / count / depth, attentive and kNN probes on the frozen target
+encoder (ijepa.probes).
 
 Its MLflow run is the dataset's comparable row: beside the probe metrics it carries the encoder's
 pretraining parameters (`pretrain.*`, from encoder.json), the shards as its dataset input, the
@@ -14,7 +15,7 @@ import mlflow
 from ijepa.export import read_encoder_info
 from ijepa.probes import run_probes
 from ijepa.tracking import log_shards_input, pretraining_params
-from ijepa.viz.probes import plot_confusion, plot_probe_bars
+from ijepa.viz.probes import family_and_label, plot_confusion, plot_probe_bars
 from ijepa.params import probe_mapping
 
 log = logging.getLogger(__name__)
@@ -38,8 +39,9 @@ def probe(params: dict[str, Any], dataset: str, encoder: Path, shards: Path, cac
         for model, value in row.items():
             if model in ("n_labels", "seeds") or model.endswith("_std"):
                 continue
-            table.append({"probe": name, "model": model, "top1": round(value, 4),
-                          "std": round(row.get(f"{model}_std", 0.0), 4)})
+            family, label = family_and_label(name)
+            table.append({"probe": name, "family": family, "label": label, "model": model,
+                          "top1": round(value, 4), "std": round(row.get(f"{model}_std", 0.0), 4)})
             flat[f"{name}.{model}"] = {"value": value, "step": 0}
             if f"{model}_std" in row:
                 flat[f"{name}.{model}_std"] = {"value": row[f"{model}_std"], "step": 0}

@@ -4,13 +4,20 @@ Cache layout (one safetensors file per split, written atomically)::
 
     <cache_dir>/<encoder_key>/n_last<k>/<split>.safetensors
         tensor "features": float32 [N, D]
-        metadata: encoder_key, n_last, split, data_fingerprint, precision, n, dim
+        tensor "tokens":   bfloat16 [N, T, D_last]   (only when asked for: the attentive probes)
+        metadata: encoder_key, n_last, split, data_fingerprint, precision, n, dim, tokens
 
 `encoder_key` is the sha256 of the exported weights file (`export.file_sha256`) for a
 trained encoder, and `random_init-<sha256 of the state dict>` for the randomly initialised
 baseline. A cached file is reused only when its metadata matches the request, including
 the fingerprint of the shards (sha256 of their manifest.json), so re-generated shards or a
 changed encoder are recomputed; an unreadable cache file is recomputed too.
+
+Tokens (`keep_tokens=True`): the last layer's patch tokens after the encoder's final
+LayerNorm, kept from the same forward pass that computes the pooled features (a forward hook
+on that LayerNorm keeps its last output; the encoder runs once), stored in bf16 to halve
+memory and disk. A request with tokens reuses a cached file only when it holds them; a request
+without tokens reuses any matching file.
 
 `AdaptedEncoder` puts an encoder behind an input adaptation (resize to its image size,
 replicate grey to its channels), batch by batch, for an encoder made for other images (an
@@ -41,9 +48,11 @@ from ijepa.atomic import atomic_path
 from ijepa.precision import adapt_for_precision, autocast_for, resolve_precision
 
 __all__ = ["cache_path", "cached_features", "extract_features", "encoder_features", "pixel_features",
-           "state_sha256", "AdaptedEncoder"]
+           "state_sha256", "AdaptedEncoder", "TOKEN_DTYPE"]
 
 log = logging.getLogger(__name__)
+
+TOKEN_DTYPE = torch.bfloat16  # cached patch tokens: half the memory of fp32, ample for a probe's input
 
 
 def cache_path(cache_dir: str | os.PathLike, encoder_key: str, n_last: int, split: str) -> Path:
@@ -60,11 +69,22 @@ def state_sha256(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def _final_norm(encoder: torch.nn.Module) -> torch.nn.Module:
+    """The LayerNorm whose last output in `features` is the last layer's tokens (ViTEncoder.norm)."""
+    inner = getattr(encoder, "encoder", encoder)  # AdaptedEncoder wraps the encoder
+    norm = getattr(inner, "norm", None)
+    if not isinstance(norm, torch.nn.LayerNorm):
+        raise TypeError(f"cannot keep tokens of {type(inner).__name__}: it has no final LayerNorm `norm`")
+    return norm
+
+
 @torch.no_grad()
 def extract_features(encoder: torch.nn.Module, images: torch.Tensor, n_last: int = 1, batch_size: int = 256,
                      device: str | torch.device = "cpu", progress: bool = True, desc: str = "features",
-                     precision: str = "fp32") -> torch.Tensor:
-    """uint8 images [N, C, H, W] -> float32 features [N, D] via `encoder.features` (eval mode).
+                     precision: str = "fp32", keep_tokens: bool = False
+                     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images [N, C, H, W] -> float32 features [N, D] via `encoder.features` (eval mode);
+    with `keep_tokens`, also the last layer's tokens [N, T, D_last] (TOKEN_DTYPE) of the same pass.
 
     `precision` "bf16" (or "auto" where it resolves so, `ijepa.precision`) runs the encoder
     under bf16 autocast: several times faster on CPUs with native bf16."""
@@ -72,15 +92,28 @@ def extract_features(encoder: torch.nn.Module, images: torch.Tensor, n_last: int
     adapt_for_precision(encoder, precision, device)
     n = images.shape[0]
     out: list[torch.Tensor] = []
-    with tqdm(total=n, desc=desc, unit="img", disable=not progress, leave=False) as bar:
-        for i in range(0, n, batch_size):
-            x = images[i:i + batch_size].to(device=device, dtype=torch.float32) / 255.0
-            with autocast_for(precision, device):
-                out.append(encoder.features(x, n_last=n_last).float().cpu())
-            bar.update(x.shape[0])
+    toks: list[torch.Tensor] = []
+    last: list[torch.Tensor] = []
+
+    def keep_last(_module: torch.nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+        last[:] = [output]  # the final norm's last call in `features` is the last layer's
+
+    hook = _final_norm(encoder).register_forward_hook(keep_last) if keep_tokens else None
+    try:
+        with tqdm(total=n, desc=desc, unit="img", disable=not progress, leave=False) as bar:
+            for i in range(0, n, batch_size):
+                x = images[i:i + batch_size].to(device=device, dtype=torch.float32) / 255.0
+                with autocast_for(precision, device):
+                    out.append(encoder.features(x, n_last=n_last).float().cpu())
+                if keep_tokens:
+                    toks.append(last[0].to(device="cpu", dtype=TOKEN_DTYPE))
+                bar.update(x.shape[0])
+    finally:
+        if hook is not None:
+            hook.remove()
     if not out:
         raise ValueError("extract_features got no images")
-    return torch.cat(out)
+    return (torch.cat(out), torch.cat(toks)) if keep_tokens else torch.cat(out)
 
 
 class AdaptedEncoder(torch.nn.Module):
@@ -106,7 +139,8 @@ class AdaptedEncoder(torch.nn.Module):
         return self.encoder.features(self.adapt(images), n_last=n_last)
 
 
-def _read_cache(path: Path, expect: dict[str, str]) -> torch.Tensor | None:
+def _read_cache(path: Path, expect: dict[str, str], tokens: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     if not path.is_file():
         return None
     try:
@@ -117,47 +151,64 @@ def _read_cache(path: Path, expect: dict[str, str]) -> torch.Tensor | None:
             if any(meta.get(k) != v for k, v in expect.items()):
                 log.info("feature cache %s is stale (%s != %s); recomputing", path, meta, expect)
                 return None
+            if tokens and "tokens" not in fh.keys():
+                log.info("feature cache %s holds no tokens; recomputing with them", path)
+                return None
             feats = fh.get_tensor("features")
+            toks = fh.get_tensor("tokens") if tokens else None
     except (SafetensorError, OSError, ValueError, KeyError) as err:
         log.warning("feature cache %s is unreadable (%s); recomputing", path, err)
         return None
-    if feats.ndim != 2 or str(feats.shape[0]) != meta.get("n"):
-        log.warning("feature cache %s has shape %s, metadata says n=%s; recomputing", path,
-                    tuple(feats.shape), meta.get("n"))
+    if feats.ndim != 2 or str(feats.shape[0]) != meta.get("n") or (
+            toks is not None and (toks.ndim != 3 or toks.shape[0] != feats.shape[0])):
+        log.warning("feature cache %s has shape %s (tokens %s), metadata says n=%s; recomputing", path,
+                    tuple(feats.shape), None if toks is None else tuple(toks.shape), meta.get("n"))
         return None
-    return feats
+    return feats, toks
 
 
 def cached_features(cache_dir: str | os.PathLike, encoder_key: str, n_last: int, split: str,
-                    data_fingerprint: str, compute: Callable[[], torch.Tensor],
-                    precision: str = "fp32") -> torch.Tensor:
+                    data_fingerprint: str, compute: Callable[[], torch.Tensor | tuple[torch.Tensor, torch.Tensor]],
+                    precision: str = "fp32", tokens: bool = False
+                    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Features from the cache when encoder key, n_last, split, data fingerprint and the
-    (resolved) precision match; otherwise `compute()` them and write the cache atomically."""
+    (resolved) precision match; otherwise `compute()` them and write the cache atomically.
+    With `tokens`, `compute()` returns (features, tokens), the cache must hold tokens too, and
+    (features, tokens) is returned."""
     path = cache_path(cache_dir, encoder_key, n_last, split)
     expect = {"encoder_key": encoder_key, "n_last": str(n_last), "split": split,
               "data_fingerprint": data_fingerprint, "precision": precision}
-    feats = _read_cache(path, expect)
-    if feats is not None:
-        return feats
-    feats = compute().float().contiguous()
+    hit = _read_cache(path, expect, tokens)
+    if hit is not None:
+        return hit if tokens else hit[0]
+    computed = compute()
+    feats, toks = computed if tokens else (computed, None)
+    feats = feats.float().contiguous()
+    tensors = {"features": feats}
     meta = dict(expect, n=str(feats.shape[0]), dim=str(feats.shape[1]))
+    if toks is not None:
+        toks = toks.to(TOKEN_DTYPE).contiguous()
+        tensors["tokens"] = toks
+        meta["tokens"] = "x".join(str(v) for v in toks.shape[1:])
     with atomic_path(path, suffix=".safetensors") as tmp:
-        save_file({"features": feats}, str(tmp), metadata=meta)
-    return feats
+        save_file(tensors, str(tmp), metadata=meta)
+    return (feats, toks) if tokens else feats
 
 
 def encoder_features(encoder: torch.nn.Module, encoder_key: str, images: torch.Tensor, split: str, *,
                      n_last: int, cache_dir: str | os.PathLike, data_fingerprint: str, batch_size: int = 256,
                      device: str | torch.device = "cpu", progress: bool = True, name: str = "",
-                     precision: str = "fp32") -> torch.Tensor:
-    """`extract_features` through the on-disk cache."""
+                     precision: str = "fp32", tokens: bool = False
+                     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """`extract_features` through the on-disk cache; with `tokens`, (features, tokens)."""
     precision = resolve_precision(precision, device)
 
-    def compute() -> torch.Tensor:
+    def compute() -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         return extract_features(encoder.to(device), images, n_last=n_last, batch_size=batch_size, device=device,
-                                progress=progress, desc=f"{name or encoder_key[:12]} {split}", precision=precision)
+                                progress=progress, desc=f"{name or encoder_key[:12]} {split}", precision=precision,
+                                keep_tokens=tokens)
 
-    return cached_features(cache_dir, encoder_key, n_last, split, data_fingerprint, compute, precision)
+    return cached_features(cache_dir, encoder_key, n_last, split, data_fingerprint, compute, precision, tokens)
 
 
 def pixel_pool_factor(shape: tuple[int, int, int], max_dim: int) -> int:

@@ -1,20 +1,36 @@
-"""Downstream probes of a frozen, exported encoder (the paper's linear / low-shot evaluation).
+"""Downstream probes of a frozen, exported encoder: linear, attentive and kNN.
 
 `run_probes(cfg, encoder_path, shard_dir, cache_dir)` runs, in one call and through the same
-code for every model:
+code for every model, three families of probes (rows of `metrics["probes"]`):
 
-- `linear`: linear head on the `cls` label (ImageNet linear-probe analogue);
-- `lowshot`: the same head on a class-balanced subset of the train labels (ImageNet-1%
-  analogue), several seeds, mean and std of test top-1;
-- `count` / `depth`: linear heads on the `count` and `depth` labels (Clevr/Count and
-  Clevr/Dist analogues); skipped, with the reason recorded, when the dataset lacks them;
+- linear heads on average-pooled features (the paper's evaluation):
+  - `linear`: linear head on the `cls` label (ImageNet linear-probe analogue);
+  - `lowshot`: the same head on a class-balanced subset of the train labels (ImageNet-1%
+    analogue), several seeds, mean and std of test top-1;
+  - `count` / `depth`: linear heads on the `count` and `depth` labels (Clevr/Count and
+    Clevr/Dist analogues);
+- `attentive_<label>` (cls, count, depth): an attentive probe on the last layer's patch tokens
+  (`ijepa.attentive`: learned queries cross-attend to every token, as the JEPA family
+  evaluates encoders), the epoch chosen on val top-1; it can use where things are, which mean
+  pooling blurs;
+- `knn_<label>`: weighted kNN top-1 on the pooled features (`ijepa.knn`: cosine, `knn.k`
+  neighbours of the train split, `knn.temperature`): no training, a cheap monitor. The
+  features are standardised per dimension with the train statistics first (as the linear
+  heads' BatchNorm): mean-pooled LayerNorm outputs share a large common component that makes
+  every cosine similarity near 1 (default scenes encoder, test top-1 raw / standardised: shape
+  0.253 / 0.278, depth 0.233 / 0.280);
+
+a probe whose label the dataset lacks is skipped, with the reason recorded;
 
 for the I-JEPA encoder (`ijepa`) and the baselines `random_init` (same architecture,
-initialised from `cfg.seed`) and `pixels` (raw pixels, see `ijepa.features.pixel_features`).
-Features: frozen encoder, average-pooled patch features of the last layer or the last 4
-layers concatenated (`ViTEncoder.features`), cached on disk (`ijepa.features`). Heads:
-`ijepa.linear` (BatchNorm without affine before the head by default; weight decay picked on
-the val split; top-1 reported on the test split).
+initialised from `cfg.seed`) and `pixels` (raw pixels, see `ijepa.features.pixel_features`;
+its attentive probe reads the image's patches as tokens, `ijepa.attentive.pixel_patch_tokens`,
+with a sin-cos code of their grid position). Features: frozen encoder, average-pooled patch
+features of the last layer or the last 4 layers concatenated (`ViTEncoder.features`); the
+attentive probes' tokens come from the same forward pass; both cached on disk
+(`ijepa.features`). Heads: `ijepa.linear` (BatchNorm without affine before the head by
+default; weight decay picked on the val split); every family's top-1 is reported on the test
+split.
 
 Low-shot sampling (`lowshot_indices`): per class, `max(1, floor(fraction * n_c + 0.5))`
 labels of the n_c train examples of that class, or exactly `lowshot_per_class`; drawn
@@ -27,7 +43,7 @@ import hashlib
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
@@ -35,26 +51,49 @@ import torch
 from tqdm.auto import tqdm
 
 from ijepa import features as feats_mod
+from ijepa.attentive import (AttentiveConfig, AttentiveResult, fit_attentive_probes, pixel_patch_tokens,
+                             with_position_code)
 from ijepa.config import ConfigError, as_dict, from_mapping, require
 from ijepa.data.manifest import manifest_bytes, shard_root
 from ijepa.export import EncoderFileError, _resolve, load_encoder, read_encoder_info
 from ijepa.hashing import file_sha256
-from ijepa.linear import LinearProbe, confusion_matrix, fit_linear_probe
+from ijepa.knn import knn_top1
+from ijepa.linear import LinearProbe, Normaliser, confusion_matrix, fit_linear_probe
 from ijepa.models import EncoderConfig, ViTEncoder
 from ijepa.probe_inputs import (ProbeError, check_encoder_matches_shards, check_splits, class_names_of, load_splits,
                                 num_classes_of, shape_from_manifest)
 
-__all__ = ["ProbeConfig", "ProbeError", "run_probes", "lowshot_indices", "lowshot_counts",
-           "check_encoder_matches_shards", "PROBES", "BASELINES", "fit_head", "num_classes_of"]
+__all__ = ["ProbeConfig", "KnnConfig", "ProbeError", "run_probes", "lowshot_indices", "lowshot_counts",
+           "check_encoder_matches_shards", "PROBES", "LINEAR_PROBES", "ATTENTIVE_PROBES", "KNN_PROBES", "BASELINES",
+           "LABEL_OF", "fit_head", "num_classes_of"]
 
 log = logging.getLogger(__name__)
 
-PROBES = ("linear", "lowshot", "count", "depth")
+LABELS = ("cls", "count", "depth")
+LINEAR_PROBES = ("linear", "lowshot", "count", "depth")
+ATTENTIVE_PROBES = tuple(f"attentive_{label}" for label in LABELS)
+KNN_PROBES = tuple(f"knn_{label}" for label in LABELS)
+PROBES = LINEAR_PROBES + ATTENTIVE_PROBES + KNN_PROBES
 BASELINES = ("random_init", "pixels")
-_LABEL_OF = {"linear": "cls", "lowshot": "cls", "count": "count", "depth": "depth"}
+LABEL_OF = {"linear": "cls", "lowshot": "cls", "count": "count", "depth": "depth",
+            **{f"{family}_{label}": label for family in ("attentive", "knn") for label in LABELS}}
 
-ProbeName = Literal["linear", "lowshot", "count", "depth"]
+ProbeName = Literal["linear", "lowshot", "count", "depth", "attentive_cls", "attentive_count", "attentive_depth",
+                    "knn_cls", "knn_count", "knn_depth"]
 BaselineName = Literal["random_init", "pixels"]
+
+
+@dataclass(frozen=True)
+class KnnConfig:
+    """kNN monitor parameters (`probe.*.knn`; ijepa.knn)."""
+
+    k: int = 20                 # neighbours from the train split
+    temperature: float = 0.07   # vote weight exp(cosine similarity / temperature)
+
+    def validate(self) -> None:
+        require(self.k >= 1, f"knn.k must be >= 1, got {self.k}")
+        require(math.isfinite(self.temperature) and self.temperature > 0,
+                f"knn.temperature must be positive, got {self.temperature}")
 
 
 
@@ -73,11 +112,14 @@ class ProbeConfig:
     lowshot_fraction: float = 0.01       # labels per class = max(1, round(fraction * class count))
     lowshot_per_class: int | None = None # or exactly this many per class (overrides the fraction)
     lowshot_seeds: int = 3               # subsets drawn with seeds seed, seed+1, ...
-    probes: tuple[ProbeName, ...] = PROBES
+    probes: tuple[ProbeName, ...] = PROBES   # rows to run: the linear, attentive_<label> and knn_<label> families
+    attentive: AttentiveConfig = field(default_factory=AttentiveConfig)   # attentive probes (ijepa.attentive)
+    knn: KnnConfig = field(default_factory=KnnConfig)
     baselines: tuple[BaselineName, ...] = BASELINES
     pixel_max_dim: int = 4096            # raw-pixel baseline average-pooled to at most this many dims
     feature_batch_size: int = 256
-    precision: Literal["auto", "bf16", "fp32"] = "auto"  # feature extraction; auto: bf16 where native (ijepa.precision)
+    # feature extraction and the attentive probes' token products; auto: bf16 where native (ijepa.precision)
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
     adapt_inputs: bool = True            # resize / replicate grey shard images to the encoder's input; false: refuse
     seed: int = 0                        # random-init baseline weights, low-shot subsets, Adam batch order
     train_split: str = "train"
@@ -150,6 +192,11 @@ def fit_head(cfg: ProbeConfig, tx: torch.Tensor, ty: torch.Tensor, vx: torch.Ten
                             batch_size=cfg.batch_size, seed=cfg.seed)
 
 
+# Cost of a unit of attentive / kNN work relative to a linear fit's (rows x dims); ETA weights only.
+_ATTENTIVE_WORK = 0.01
+_KNN_WORK = 0.05
+
+
 def _sample_std(values: list[float]) -> float:
     return float(torch.tensor(values, dtype=torch.float64).std(unbiased=True)) if len(values) > 1 else 0.0
 
@@ -159,6 +206,30 @@ def _random_encoder(enc_cfg: EncoderConfig, seed: int) -> ViTEncoder:
         torch.manual_seed(seed)
         model = ViTEncoder(enc_cfg)
     return model.eval().requires_grad_(False)
+
+
+def _pixel_tokens(images: torch.Tensor, enc_cfg: EncoderConfig, position_dim: int) -> torch.Tensor:
+    """The raw-pixel baseline's tokens: the shard images cut into the encoder's patches (resized
+    to the encoder's image size first when that patch size does not tile them), with a sin-cos
+    code of each patch's grid position appended."""
+    p = enc_cfg.patch_size
+    if images.shape[-2] % p or images.shape[-1] % p:
+        size = (enc_cfg.img_size, enc_cfg.img_size)
+        images = torch.nn.functional.interpolate(images.float(), size=size, mode="bilinear", antialias=True)
+    grid = (images.shape[-2] // p, images.shape[-1] // p)
+    return with_position_code(pixel_patch_tokens(images, p), grid, position_dim)
+
+
+def _fit_work(cfg: ProbeConfig, probe: str, n_train: int, feats: torch.Tensor,
+              toks: torch.Tensor | None, n_attentive: int = 1) -> float:
+    """A fit's relative cost for the ETA: rows x dims for the linear heads; the attentive probes'
+    rows x tokens x dims x epochs (shared by the labels trained together), scaled by the ratio of
+    the fits' measured seconds."""
+    if probe in ATTENTIVE_PROBES and toks is not None:
+        return n_train * toks.shape[1] * toks.shape[2] * cfg.attentive.epochs * _ATTENTIVE_WORK / n_attentive
+    if probe in KNN_PROBES:
+        return n_train * feats.shape[1] * _KNN_WORK
+    return n_train * feats.shape[1]
 
 
 class FitProgress:
@@ -197,14 +268,18 @@ def run_probes(cfg: ProbeConfig | Mapping[str, Any] | None, encoder_path: str | 
          "probes": {"linear": {"ijepa": a, "random_init": a, "pixels": a, "n_labels": int},
                     "lowshot": {"ijepa": mean, "ijepa_std": std, <baseline>, <baseline>_std, ...,
                                 "n_labels": int, "seeds": int},
-                    "count": {...as linear}, "depth": {...as linear}},
-         "skipped": {"count": "dataset has no count labels", ...},
+                    "count": {...as linear}, "depth": {...as linear},
+                    "attentive_cls": {...as linear}, "attentive_count": ..., "attentive_depth": ...,
+                    "knn_cls": {...as linear}, "knn_count": ..., "knn_depth": ...},
+         "skipped": {"count": "dataset has no count labels", "attentive_count": ..., ...},
          "input_adaptation": {...}}   # only when the shard images were adapted (check_encoder_matches_shards)
 
     `extras`: {"confusion": [[int]] (ijepa linear probe on test, row = true class), "class_names":
-    [str], "details": per probe and model the chosen weight decay and val top-1 per decay (low-shot:
-    per seed), "feature_dims": {model: D}, "seconds": {stage: s}}; confusion/class_names are None
-    when the linear probe did not run.
+    [str], "details": per probe and model its choices and seconds (linear: the chosen weight decay
+    and val top-1 per decay, low-shot per seed; attentive: the chosen epoch, val top-1 per epoch,
+    lr, weight decay, width, heads; knn: k, temperature), "feature_dims": {model: D},
+    "token_shapes": {model: [T, D]} (attentive probes only), "seconds": {stage: s}};
+    confusion/class_names are None when the linear probe did not run.
 
     Raises ConfigError (bad cfg), EncoderFileError (missing/corrupt encoder, names the path),
     ijepa.data.reader.ShardError (no/unreadable manifest, names the file), ProbeError (encoder and
@@ -248,7 +323,7 @@ def run_probes(cfg: ProbeConfig | Mapping[str, Any] | None, encoder_path: str | 
     plans: dict[str, tuple[dict[str, torch.Tensor], int]] = {}
     skipped: dict[str, str] = {}
     for probe in cfg.probes:
-        label = _LABEL_OF[probe]
+        label = LABEL_OF[probe]
         if not all(label in splits[s].labels for s in order):
             skipped[probe] = f"dataset has no {label} labels"
             continue
@@ -263,8 +338,10 @@ def run_probes(cfg: ProbeConfig | Mapping[str, Any] | None, encoder_path: str | 
     seeds = [cfg.seed + i for i in range(cfg.lowshot_seeds)]
     subsets = ([lowshot_indices(plans["lowshot"][0][tr], s, cfg.lowshot_fraction, cfg.lowshot_per_class)
                 for s in seeds] if "lowshot" in plans else [])
+    want_tokens = any(p in ATTENTIVE_PROBES for p in plans)
+    width = cfg.attentive.width_for(enc_cfg.embed_dim) if want_tokens else None  # ConfigError before work
 
-    # Features per model and split (none when every probe was skipped).
+    # Features (and tokens) per model and split (none when every probe was skipped).
     t0 = time.perf_counter()
     models: dict[str, tuple[torch.nn.Module | None, str | None]] = {"ijepa": (wrap(encoder), sha)}
     if "random_init" in cfg.baselines:
@@ -273,24 +350,34 @@ def run_probes(cfg: ProbeConfig | Mapping[str, Any] | None, encoder_path: str | 
     if "pixels" in cfg.baselines:
         models["pixels"] = (None, None)
     features: dict[str, dict[str, torch.Tensor]] = {}
+    tokens: dict[str, dict[str, torch.Tensor]] = {}
     for model_name, (module, key) in (models.items() if plans else ()):
-        features[model_name] = {}
+        features[model_name], tokens[model_name] = {}, {}
         for split_name in order:
             images = splits[split_name].images
             if module is None:
                 features[model_name][split_name] = feats_mod.pixel_features(images, cfg.pixel_max_dim)
+                if want_tokens:
+                    tokens[model_name][split_name] = _pixel_tokens(images, enc_cfg, cfg.attentive.position_dim)
+                continue
+            out = feats_mod.encoder_features(
+                module, key, images, split_name, n_last=cfg.n_last, cache_dir=cache_dir,
+                data_fingerprint=fingerprint, batch_size=cfg.feature_batch_size, device=device,
+                progress=progress, name=model_name, precision=cfg.precision, tokens=want_tokens)
+            if want_tokens:
+                features[model_name][split_name], tokens[model_name][split_name] = out
             else:
-                features[model_name][split_name] = feats_mod.encoder_features(
-                    module, key, images, split_name, n_last=cfg.n_last, cache_dir=cache_dir,
-                    data_fingerprint=fingerprint, batch_size=cfg.feature_batch_size, device=device,
-                    progress=progress, name=model_name, precision=cfg.precision)
+                features[model_name][split_name] = out
     seconds["features"] = time.perf_counter() - t0
 
     probes: dict[str, dict[str, Any]] = {}
     details: dict[str, Any] = {}
+    attentive: dict[str, dict[str, AttentiveResult]] = {}
     confusion = class_names = None
     n_tr = {p: (int(subsets[0].numel()) * len(seeds) if p == "lowshot" else splits[tr].images.shape[0]) for p in plans}
-    fits = FitProgress({(p, m): n_tr[p] * features[m][tr].shape[1] for p in plans for m in models}, progress)
+    n_attentive = sum(p in ATTENTIVE_PROBES for p in plans)
+    fits = FitProgress({(p, m): _fit_work(cfg, p, n_tr[p], features[m][tr], tokens[m].get(tr), n_attentive)
+                        for p in plans for m in models}, progress)
     for probe, (ys, n_classes) in plans.items():
         t0 = time.perf_counter()
         row: dict[str, Any] = {}
@@ -307,17 +394,32 @@ def run_probes(cfg: ProbeConfig | Mapping[str, Any] | None, encoder_path: str | 
                                 "val_top1": {str(k): v for k, v in head.val_top1.items()}})
                 row[model_name] = float(sum(accs) / len(accs))
                 row[f"{model_name}_std"] = _sample_std(accs)
-                details[probe][model_name] = {"seeds": det, "seconds": round(time.perf_counter() - t1, 3)}
+                details[probe][model_name] = {"seeds": det}
+            elif probe in ATTENTIVE_PROBES:
+                tok = tokens[model_name]
+                if model_name not in attentive:  # every label's probe of this model in the same passes
+                    attentive[model_name] = fit_attentive_probes(
+                        cfg.attentive, tok[tr], tok[va], {p: (plans[p][0][tr], plans[p][0][va], plans[p][1])
+                                                          for p in plans if p in ATTENTIVE_PROBES},
+                        width=width, seed=cfg.seed, precision=cfg.precision)
+                fitted = attentive[model_name][probe]
+                row[model_name] = fitted.top1(tok[te], ys[te])
+                details[probe][model_name] = fitted.details(cfg.attentive)
+            elif probe in KNN_PROBES:
+                norm = Normaliser.fit(f[tr])  # standardised as for the linear heads (module docstring)
+                row[model_name] = knn_top1(norm(f[tr]), ys[tr], norm(f[te]), ys[te], k=cfg.knn.k,
+                                           temperature=cfg.knn.temperature, n_classes=n_classes)
+                details[probe][model_name] = {"k": cfg.knn.k, "temperature": cfg.knn.temperature}
             else:
                 head = fit_head(cfg, f[tr], ys[tr], f[va], ys[va], n_classes)
                 pred = head.predict(f[te])
                 row[model_name] = float((pred == ys[te]).float().mean())
                 details[probe][model_name] = {"weight_decay": head.weight_decay,
-                                              "val_top1": {str(k): v for k, v in head.val_top1.items()},
-                                              "seconds": round(time.perf_counter() - t1, 3)}
+                                              "val_top1": {str(k): v for k, v in head.val_top1.items()}}
                 if probe == "linear" and model_name == "ijepa":
                     confusion = confusion_matrix(pred, ys[te], n_classes).tolist()
                     class_names = class_names_of(manifest, "cls", n_classes)
+            details[probe][model_name]["seconds"] = round(time.perf_counter() - t1, 3)
             fits.done(probe, model_name, time.perf_counter() - t1)
         if probe == "lowshot":
             row["n_labels"] = int(subsets[0].numel())
@@ -334,5 +436,6 @@ def run_probes(cfg: ProbeConfig | Mapping[str, Any] | None, encoder_path: str | 
                **({"input_adaptation": adapt} if adapt else {})}
     extras = {"confusion": confusion, "class_names": class_names, "details": details,
               "feature_dims": {m: int(f[tr].shape[1]) for m, f in features.items()},
+              **({"token_shapes": {m: list(t[tr].shape[1:]) for m, t in tokens.items()}} if want_tokens else {}),
               "config": as_dict(cfg), "seconds": {k: round(v, 3) for k, v in seconds.items()}}
     return metrics, extras
