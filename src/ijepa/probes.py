@@ -32,7 +32,7 @@ attentive probes' tokens come from the same forward pass; both cached on disk
 default; weight decay picked on the val split); every family's top-1 is reported on the test
 split.
 
-Low-shot sampling (`lowshot_indices`): per class, `max(1, floor(fraction * n_c + 0.5))`
+Low-shot sampling (`ijepa.lowshot.lowshot_indices`): per class, `max(1, floor(fraction * n_c + 0.5))`
 labels of the n_c train examples of that class, or exactly `lowshot_per_class`; drawn
 without replacement by a torch.Generator seeded with `cfg.seed + i` for seed i, so each
 seed is reproducible and the seeds differ; the same subsets are used for every model.
@@ -48,7 +48,6 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import torch
-from tqdm.auto import tqdm
 
 from ijepa import features as feats_mod
 from ijepa.attentive import (AttentiveConfig, AttentiveResult, fit_attentive_probes, pixel_patch_tokens,
@@ -57,7 +56,9 @@ from ijepa.config import ConfigError, as_dict, from_mapping, require
 from ijepa.data.manifest import manifest_bytes, shard_root
 from ijepa.export import EncoderFileError, _resolve, load_encoder, read_encoder_info
 from ijepa.hashing import file_sha256
+from ijepa.fit_progress import FitProgress
 from ijepa.knn import knn_top1
+from ijepa.lowshot import lowshot_counts, lowshot_indices
 from ijepa.linear import LinearProbe, Normaliser, confusion_matrix, fit_linear_probe
 from ijepa.models import EncoderConfig, ViTEncoder
 from ijepa.probe_inputs import (ProbeError, check_encoder_matches_shards, check_splits, class_names_of, load_splits,
@@ -150,38 +151,6 @@ class ProbeConfig:
         require(len(set(splits)) == 3, f"train/val/test splits must differ, got {list(splits)}")
 
 
-# ----------------------------------------------------------------------------- low-shot
-
-
-def lowshot_counts(labels: torch.Tensor, fraction: float | None = None,
-                   per_class: int | None = None) -> dict[int, int]:
-    """Labels to take per class: `per_class`, else max(1, floor(fraction * n_c + 0.5))."""
-    classes, counts = torch.unique(labels.long(), return_counts=True)
-    out = {}
-    for c, n in zip(classes.tolist(), counts.tolist()):
-        if per_class is not None:
-            if per_class > n:
-                raise ProbeError(f"lowshot_per_class={per_class} but class {c} has only {n} train examples")
-            out[c] = per_class
-        else:
-            if fraction is None:
-                raise ValueError("lowshot_counts needs fraction or per_class")
-            out[c] = min(n, max(1, math.floor(fraction * n + 0.5)))
-    return out
-
-
-def lowshot_indices(labels: torch.Tensor, seed: int, fraction: float | None = None,
-                    per_class: int | None = None) -> torch.Tensor:
-    """Sorted indices of a class-balanced subset of `labels` (module docstring); same seed, same subset."""
-    labels = labels.long()
-    gen = torch.Generator().manual_seed(int(seed))
-    picks = []
-    for c, k in sorted(lowshot_counts(labels, fraction, per_class).items()):
-        idx = torch.nonzero(labels == c, as_tuple=True)[0]
-        picks.append(idx[torch.randperm(idx.numel(), generator=gen)[:k]])
-    return torch.sort(torch.cat(picks)).values
-
-
 # ----------------------------------------------------------------------------- run
 
 
@@ -230,31 +199,6 @@ def _fit_work(cfg: ProbeConfig, probe: str, n_train: int, feats: torch.Tensor,
     if probe in KNN_PROBES:
         return n_train * feats.shape[1] * _KNN_WORK
     return n_train * feats.shape[1]
-
-
-class FitProgress:
-    """The head fits after the feature bars: a bar over the fits and a log line per fit with its
-    time and an ETA, the remaining work weighted by each fit's size (train rows x feature dims,
-    all seeds of a low-shot probe together), so no fit phase runs silent."""
-
-    def __init__(self, work: Mapping[tuple[str, str], float], bar: bool = True):
-        self.work, self.total = dict(work), len(work)
-        self.all = self.left = float(sum(work.values()))
-        self.t0, self.count = time.perf_counter(), 0
-        self.bar = tqdm(total=self.total, desc="probe fits", unit="fit", disable=not bar, leave=False)
-
-    def done(self, probe: str, model: str, seconds: float) -> None:
-        self.count += 1
-        self.left -= self.work[(probe, model)]
-        elapsed = time.perf_counter() - self.t0
-        finished = self.all - self.left
-        eta = elapsed / finished * self.left if finished > 0 else 0.0
-        self.bar.update(1)
-        log.info("probe fit %d/%d: %s on %s features in %.1f s; %.0f s so far, about %.0f s left",
-                 self.count, self.total, probe, model, seconds, elapsed, eta)
-
-    def close(self) -> None:
-        self.bar.close()
 
 
 def run_probes(cfg: ProbeConfig | Mapping[str, Any] | None, encoder_path: str | Path, shard_dir: str | Path,
