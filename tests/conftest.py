@@ -43,6 +43,15 @@ def copy_project(dest: Path, skip: tuple[str, ...] = ("data/", "benchmarks/", "d
     return dest
 
 
+def scene_splits(out: Path) -> Path:
+    """16-px scenes shards with train / val / test splits (48 / 24 / 8) and every label."""
+    from ijepa.data import shard_dataset
+
+    shard_dataset({"source": "scenes", "image_size": 16, "scenes": {"sizes": {"train": 48, "val": 24, "test": 8}}},
+                  out, progress=False)
+    return out
+
+
 def tiny_encoder_config(**over):
     """A ViT small enough for CPU unit tests: 16x16 grey, 4-pixel patches, width 32, 2 blocks,
     2 heads; keyword arguments override fields (e.g. in_chans=3, img_size=8)."""

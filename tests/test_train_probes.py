@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_shards, tiny_config
+from conftest import make_shards, scene_splits, tiny_config
 
 from ijepa.config import ConfigError
 from ijepa.monitor import LossHistory
@@ -27,12 +27,7 @@ MONITOR = {"enabled": True, "max_train": 48, "max_val": 24, "knn_k": 5,
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     """16-px scenes with train / val / test splits and `cls` labels."""
-    from ijepa.data import shard_dataset
-
-    out = tmp_path_factory.mktemp("probes") / "scenes"
-    shard_dataset({"source": "scenes", "image_size": 16, "scenes": {"sizes": {"train": 48, "val": 24, "test": 8}}},
-                  out, progress=False)
-    return out
+    return scene_splits(tmp_path_factory.mktemp("probes") / "scenes")
 
 
 def cfg(**over) -> dict:

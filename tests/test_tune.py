@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import TINY_MASKS, TINY_MODEL, tiny_config
+from conftest import TINY_MASKS, TINY_MODEL, scene_splits, tiny_config
 
 optuna = pytest.importorskip("optuna")
 
@@ -28,12 +28,7 @@ BAD_POINT = {"pred_scale_min": 1.0, "pred_scale_span": 0.0, "enc_scale_min": 0.8
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    from ijepa.data import shard_dataset
-
-    out = tmp_path_factory.mktemp("tune") / "scenes"
-    shard_dataset({"source": "scenes", "image_size": 16, "scenes": {"sizes": {"train": 48, "val": 24, "test": 8}}},
-                  out, progress=False)
-    return out
+    return scene_splits(tmp_path_factory.mktemp("tune") / "scenes")
 
 
 def base_pretrain() -> dict:
