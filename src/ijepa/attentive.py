@@ -48,10 +48,11 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import Mlp, build_sincos2d_pos_embed, trunc_normal_
+from timm.layers import Mlp, trunc_normal_
 
 from ijepa.config import require
 from ijepa.linear import accuracy
+from ijepa.models import _sincos
 from ijepa.precision import resolve_precision
 
 __all__ = ["AttentiveConfig", "AttentiveProbe", "AttentiveResult", "fit_attentive_probe", "fit_attentive_probes",
@@ -340,8 +341,8 @@ def pixel_patch_tokens(images: torch.Tensor, patch_size: int) -> torch.Tensor:
 
 
 def position_code(grid: tuple[int, int], dim: int) -> torch.Tensor:
-    """Fixed 2-D sin-cos code [gh*gw, dim] of each grid position, row-major (timm's table)."""
-    return build_sincos2d_pos_embed(list(grid), dim=dim, temperature=10000.0).reshape(grid[0] * grid[1], dim).float()
+    """Fixed 2-D sin-cos code [gh*gw, dim] of each grid position, row-major: the encoder's own table."""
+    return _sincos(grid, dim)
 
 
 def with_position_code(tokens: torch.Tensor, grid: tuple[int, int], dim: int) -> torch.Tensor:
