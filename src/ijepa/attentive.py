@@ -41,6 +41,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -66,6 +67,9 @@ _EVAL_BATCH = 1024
 # uniform (mean pooling) for epochs, and a short probe learns less: on the position task of the
 # tests, 12 epochs, test top-1 0.47 against 0.79 at lr 3e-3, 0.89 against 0.93 at 1e-2 (no MLP).
 INIT_STD = 1.0
+# Probes are initialised from torch's global generator, seeded per probe; fits running side by
+# side (ijepa.probe_fits) take turns so that no other fit draws from it in between.
+_INIT_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -279,7 +283,7 @@ def fit_attentive_probes(cfg: AttentiveConfig, train_x: torch.Tensor, val_x: tor
     mean, scale = _token_stats(train_x)
     probes = []
     for i, name in enumerate(names):
-        with torch.random.fork_rng(devices=[]):
+        with _INIT_LOCK, torch.random.fork_rng(devices=[]):  # the global generator: one fit at a time
             torch.manual_seed(seed + i)
             probes.append(AttentiveProbe(in_dim, labels[name][2], width, cfg.heads, cfg.queries, cfg.mlp_ratio))
         probes[-1].set_input_stats(mean, scale)

@@ -57,6 +57,7 @@ from ijepa.data.manifest import manifest_bytes, shard_root
 from ijepa.export import EncoderFileError, _resolve, load_encoder, read_encoder_info
 from ijepa.hashing import file_sha256
 from ijepa.fit_progress import FitProgress
+from ijepa.probe_fits import Fit, attentive_fn, default_workers, fit_fn, fit_head, run_fits, side_by_side
 from ijepa.knn import knn_top1
 from ijepa.lowshot import lowshot_counts, lowshot_indices
 from ijepa.linear import LinearProbe, Normaliser, confusion_matrix, fit_linear_probe
@@ -119,6 +120,7 @@ class ProbeConfig:
     baselines: tuple[BaselineName, ...] = BASELINES
     pixel_max_dim: int = 4096            # raw-pixel baseline average-pooled to at most this many dims
     feature_batch_size: int = 256
+    fit_workers: int | None = None       # fits side by side, one torch thread each (ijepa.probe_fits); null: torch's threads
     # feature extraction and the attentive probes' token products; auto: bf16 where native (ijepa.precision)
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     adapt_inputs: bool = True            # resize / replicate grey shard images to the encoder's input; false: refuse
@@ -145,6 +147,8 @@ class ProbeConfig:
         require(len(set(self.baselines)) == len(self.baselines), f"baselines has duplicates: {list(self.baselines)}")
         require(self.pixel_max_dim >= 1, f"pixel_max_dim must be >= 1, got {self.pixel_max_dim}")
         require(self.feature_batch_size >= 1, f"feature_batch_size must be >= 1, got {self.feature_batch_size}")
+        require(self.fit_workers is None or self.fit_workers >= 1,
+                f"fit_workers must be >= 1 or null, got {self.fit_workers}")
         require(self.seed >= 0, f"seed must be >= 0, got {self.seed}")
         splits = (self.train_split, self.val_split, self.test_split)
         require(all(splits), f"split names must be non-empty, got {list(splits)}")
@@ -154,20 +158,9 @@ class ProbeConfig:
 # ----------------------------------------------------------------------------- run
 
 
-def fit_head(cfg: ProbeConfig, tx: torch.Tensor, ty: torch.Tensor, vx: torch.Tensor, vy: torch.Tensor,
-         n_classes: int) -> LinearProbe:
-    return fit_linear_probe(tx, ty, vx, vy, n_classes, cfg.weight_decays, batchnorm=cfg.batchnorm,
-                            solver=cfg.solver, max_iter=cfg.max_iter, epochs=cfg.epochs, lr=cfg.lr,
-                            batch_size=cfg.batch_size, seed=cfg.seed)
-
-
 # Cost of a unit of attentive / kNN work relative to a linear fit's (rows x dims); ETA weights only.
 _ATTENTIVE_WORK = 0.01
 _KNN_WORK = 0.05
-
-
-def _sample_std(values: list[float]) -> float:
-    return float(torch.tensor(values, dtype=torch.float64).std(unbiased=True)) if len(values) > 1 else 0.0
 
 
 def _random_encoder(enc_cfg: EncoderConfig, seed: int) -> ViTEncoder:
@@ -199,6 +192,7 @@ def _fit_work(cfg: ProbeConfig, probe: str, n_train: int, feats: torch.Tensor,
     if probe in KNN_PROBES:
         return n_train * feats.shape[1] * _KNN_WORK
     return n_train * feats.shape[1]
+
 
 
 def run_probes(cfg: ProbeConfig | Mapping[str, Any] | None, encoder_path: str | Path, shard_dir: str | Path,
@@ -295,86 +289,66 @@ def run_probes(cfg: ProbeConfig | Mapping[str, Any] | None, encoder_path: str | 
         models["pixels"] = (None, None)
     features: dict[str, dict[str, torch.Tensor]] = {}
     tokens: dict[str, dict[str, torch.Tensor]] = {}
-    for model_name, (module, key) in (models.items() if plans else ()):
-        features[model_name], tokens[model_name] = {}, {}
+    workers = cfg.fit_workers or default_workers()
+
+    def model_inputs(module: torch.nn.Module | None, key: str | None, name: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
         for split_name in order:
             images = splits[split_name].images
             if module is None:
-                features[model_name][split_name] = feats_mod.pixel_features(images, cfg.pixel_max_dim)
-                if want_tokens:
-                    tokens[model_name][split_name] = _pixel_tokens(images, enc_cfg, cfg.attentive.position_dim)
+                out[split_name] = (feats_mod.pixel_features(images, cfg.pixel_max_dim),
+                                   _pixel_tokens(images, enc_cfg, cfg.attentive.position_dim) if want_tokens else None)
                 continue
-            out = feats_mod.encoder_features(
+            got = feats_mod.encoder_features(
                 module, key, images, split_name, n_last=cfg.n_last, cache_dir=cache_dir,
                 data_fingerprint=fingerprint, batch_size=cfg.feature_batch_size, device=device,
-                progress=progress, name=model_name, precision=cfg.precision, tokens=want_tokens)
-            if want_tokens:
-                features[model_name][split_name], tokens[model_name][split_name] = out
-            else:
-                features[model_name][split_name] = out
+                progress=progress, name=name, precision=cfg.precision, tokens=want_tokens)
+            out[split_name] = got if want_tokens else (got, None)
+        return out
+
+    # the encoders' passes side by side on a CPU, one torch thread each, as the fits below
+    names = list(models) if plans else []
+    calls = [lambda m=m: model_inputs(*models[m], m) for m in names]
+    for i, got in side_by_side(calls, workers if str(device) == "cpu" else 1):
+        features[names[i]] = {s: f for s, (f, _) in got.items()}
+        tokens[names[i]] = {s: t for s, (_, t) in got.items() if t is not None}
     seconds["features"] = time.perf_counter() - t0
 
-    probes: dict[str, dict[str, Any]] = {}
-    details: dict[str, Any] = {}
-    attentive: dict[str, dict[str, AttentiveResult]] = {}
-    confusion = class_names = None
+    details: dict[str, Any] = {probe: {} for probe in plans}
     n_tr = {p: (int(subsets[0].numel()) * len(seeds) if p == "lowshot" else splits[tr].images.shape[0]) for p in plans}
-    n_attentive = sum(p in ATTENTIVE_PROBES for p in plans)
-    fits = FitProgress({(p, m): _fit_work(cfg, p, n_tr[p], features[m][tr], tokens[m].get(tr), n_attentive)
-                        for p in plans for m in models}, progress)
+    attentive_probes = tuple(p for p in plans if p in ATTENTIVE_PROBES)
+    work = {(p, m): _fit_work(cfg, p, n_tr[p], features[m][tr], tokens[m].get(tr), len(attentive_probes))
+            for p in plans for m in models}
+    fits = [Fit((p,), m, work[(p, m)], fit_fn(cfg, p, m, plans[p], features[m], order, seeds, subsets, knn=p in KNN_PROBES))
+            for p in plans if p not in ATTENTIVE_PROBES for m in models]
+    if attentive_probes:  # every label's probe of a model in the same passes over its tokens
+        labels = {p: (plans[p][0][tr], plans[p][0][va], plans[p][1]) for p in attentive_probes}
+        fits += [Fit(attentive_probes, m, sum(work[(p, m)] for p in attentive_probes),
+                     attentive_fn(cfg, m, tokens[m], order, labels, {p: plans[p][0][te] for p in attentive_probes},
+                                   width)) for m in models]
+    t0 = time.perf_counter()
+    progress_bar = FitProgress(work, progress)
+    outcomes = run_fits(fits, workers, progress_bar)
+    progress_bar.close()
+    seconds["fits"] = time.perf_counter() - t0
+    probes: dict[str, dict[str, Any]] = {}
     for probe, (ys, n_classes) in plans.items():
-        t0 = time.perf_counter()
         row: dict[str, Any] = {}
-        details[probe] = {}
         for model_name in models:
-            f = features[model_name]
-            t1 = time.perf_counter()
-            if probe == "lowshot":
-                accs, det = [], []
-                for s, idx in zip(seeds, subsets):
-                    head = fit_head(cfg, f[tr][idx], ys[tr][idx], f[va], ys[va], n_classes)
-                    accs.append(head.top1(f[te], ys[te]))
-                    det.append({"seed": s, "weight_decay": head.weight_decay, "test_top1": accs[-1],
-                                "val_top1": {str(k): v for k, v in head.val_top1.items()}})
-                row[model_name] = float(sum(accs) / len(accs))
-                row[f"{model_name}_std"] = _sample_std(accs)
-                details[probe][model_name] = {"seeds": det}
-            elif probe in ATTENTIVE_PROBES:
-                tok = tokens[model_name]
-                if model_name not in attentive:  # every label's probe of this model in the same passes
-                    attentive[model_name] = fit_attentive_probes(
-                        cfg.attentive, tok[tr], tok[va], {p: (plans[p][0][tr], plans[p][0][va], plans[p][1])
-                                                          for p in plans if p in ATTENTIVE_PROBES},
-                        width=width, seed=cfg.seed, precision=cfg.precision)
-                fitted = attentive[model_name][probe]
-                row[model_name] = fitted.top1(tok[te], ys[te])
-                details[probe][model_name] = fitted.details(cfg.attentive)
-            elif probe in KNN_PROBES:
-                norm = Normaliser.fit(f[tr])  # standardised as for the linear heads (module docstring)
-                row[model_name] = knn_top1(norm(f[tr]), ys[tr], norm(f[te]), ys[te], k=cfg.knn.k,
-                                           temperature=cfg.knn.temperature, n_classes=n_classes)
-                details[probe][model_name] = {"k": cfg.knn.k, "temperature": cfg.knn.temperature}
-            else:
-                head = fit_head(cfg, f[tr], ys[tr], f[va], ys[va], n_classes)
-                pred = head.predict(f[te])
-                row[model_name] = float((pred == ys[te]).float().mean())
-                details[probe][model_name] = {"weight_decay": head.weight_decay,
-                                              "val_top1": {str(k): v for k, v in head.val_top1.items()}}
-                if probe == "linear" and model_name == "ijepa":
-                    confusion = confusion_matrix(pred, ys[te], n_classes).tolist()
-                    class_names = class_names_of(manifest, "cls", n_classes)
-            details[probe][model_name]["seconds"] = round(time.perf_counter() - t1, 3)
-            fits.done(probe, model_name, time.perf_counter() - t1)
+            outcome = outcomes[(probe, model_name)]
+            row.update(outcome.values)
+            details[probe][model_name] = outcome.detail
+        row["n_labels"] = int(subsets[0].numel()) if probe == "lowshot" else int(ys[tr].shape[0])
         if probe == "lowshot":
-            row["n_labels"] = int(subsets[0].numel())
             row["seeds"] = len(seeds)
-        else:
-            row["n_labels"] = int(ys[tr].shape[0])
         probes[probe] = row
-        seconds[probe] = time.perf_counter() - t0
+        seconds[probe] = sum(outcomes[(probe, m)].detail["seconds"] for m in models)
         log.info("probe %s: %s", probe, row)
-
-    fits.close()
+    confusion = class_names = None
+    if "linear" in plans and outcomes[("linear", "ijepa")].pred is not None:
+        n_classes = plans["linear"][1]
+        confusion = confusion_matrix(outcomes[("linear", "ijepa")].pred, plans["linear"][0][te], n_classes).tolist()
+        class_names = class_names_of(manifest, "cls", n_classes)
     seconds["total"] = time.perf_counter() - t_start
     metrics = {"encoder_sha256": sha, "probes": probes, "skipped": skipped,
                **({"input_adaptation": adapt} if adapt else {})}
