@@ -50,17 +50,15 @@ from typing import Any, Literal, Mapping
 import torch
 
 from ijepa import features as feats_mod
-from ijepa.attentive import (AttentiveConfig, AttentiveResult, fit_attentive_probes, pixel_patch_tokens,
-                             with_position_code)
+from ijepa.attentive import AttentiveConfig, pixel_patch_tokens, with_position_code
 from ijepa.config import ConfigError, as_dict, from_mapping, require
 from ijepa.data.manifest import manifest_bytes, shard_root
 from ijepa.export import EncoderFileError, _resolve, load_encoder, read_encoder_info
 from ijepa.hashing import file_sha256
 from ijepa.fit_progress import FitProgress
 from ijepa.probe_fits import Fit, attentive_fn, default_workers, fit_fn, fit_head, run_fits, side_by_side
-from ijepa.knn import knn_top1
 from ijepa.lowshot import lowshot_counts, lowshot_indices
-from ijepa.linear import LinearProbe, Normaliser, confusion_matrix, fit_linear_probe
+from ijepa.linear import confusion_matrix
 from ijepa.models import EncoderConfig, ViTEncoder
 from ijepa.probe_inputs import (ProbeError, check_encoder_matches_shards, check_splits, class_names_of, load_splits,
                                 num_classes_of, shape_from_manifest)
@@ -194,7 +192,6 @@ def _fit_work(cfg: ProbeConfig, probe: str, n_train: int, feats: torch.Tensor,
     return n_train * feats.shape[1]
 
 
-
 def run_probes(cfg: ProbeConfig | Mapping[str, Any] | None, encoder_path: str | Path, shard_dir: str | Path,
                cache_dir: str | Path, *, device: str = "cpu",
                progress: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -319,13 +316,14 @@ def run_probes(cfg: ProbeConfig | Mapping[str, Any] | None, encoder_path: str | 
     attentive_probes = tuple(p for p in plans if p in ATTENTIVE_PROBES)
     work = {(p, m): _fit_work(cfg, p, n_tr[p], features[m][tr], tokens[m].get(tr), len(attentive_probes))
             for p in plans for m in models}
-    fits = [Fit((p,), m, work[(p, m)], fit_fn(cfg, p, m, plans[p], features[m], order, seeds, subsets, knn=p in KNN_PROBES))
+    fits = [Fit((p,), m, work[(p, m)],
+                fit_fn(cfg, p, m, plans[p], features[m], order, seeds, subsets, knn=p in KNN_PROBES))
             for p in plans if p not in ATTENTIVE_PROBES for m in models]
     if attentive_probes:  # every label's probe of a model in the same passes over its tokens
         labels = {p: (plans[p][0][tr], plans[p][0][va], plans[p][1]) for p in attentive_probes}
         fits += [Fit(attentive_probes, m, sum(work[(p, m)] for p in attentive_probes),
                      attentive_fn(cfg, m, tokens[m], order, labels, {p: plans[p][0][te] for p in attentive_probes},
-                                   width)) for m in models]
+                                  width)) for m in models]
     t0 = time.perf_counter()
     progress_bar = FitProgress(work, progress)
     outcomes = run_fits(fits, workers, progress_bar)
