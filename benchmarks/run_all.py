@@ -6,6 +6,8 @@ Sections (``--only`` takes a comma list; "speed" = every section but quality):
               this machine's matmul rate in the step's own precision (flop_fraction: bf16 against
               the bf16 matmul, fp32 against fp32), peak memory
   masks       bench_masks: vectorised MaskGenerator vs the per-image loop collator, batch 256
+  probe_fits  bench_probe_fits: the probe stage's fits side by side (one torch thread each) vs in
+              turn on all threads, at the default Fashion-MNIST probe sizes
   loader      bench_loader: decoding shards (img/s) vs what the train step consumes
   shard       bench_shard: sharding img/s per source
   photos      bench_photos: photo folders at 224 px: sharding img/s per core and bytes, training
@@ -43,7 +45,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-SPEED = ("train_step", "masks", "loader", "shard", "photos", "gpu")
+SPEED = ("train_step", "masks", "probe_fits", "loader", "shard", "photos", "gpu")
 SECTIONS = SPEED + ("quality",)
 TARGETS = {"train_step.ratio": 1.5, "train_step.flop_fraction": 0.6, "masks.ratio": 10.0, "loader.ratio": 5.0}
 
@@ -111,6 +113,13 @@ def section_masks(quick: bool, repeats: int) -> dict:
 
     kw = dict(batch_size=32, repeats=3) if quick else dict(batch_size=256, repeats=20)
     return repeat_median(lambda: bench_masks.run(**kw), repeats)
+
+
+def section_probe_fits(quick: bool, repeats: int) -> dict:
+    import bench_probe_fits
+
+    kw = dict(bench_probe_fits.QUICK) if quick else {}
+    return repeat_median(lambda: bench_probe_fits.run(**kw), repeats)
 
 
 def section_loader(quick: bool, repeats: int, consumption: float | None) -> dict:
@@ -213,8 +222,8 @@ def render_markdown(res: Mapping[str, Any]) -> str:
              f"| date (last run) | {m.get('date', '?')} |",
              f"| load average (1 min) at start / end | {_fmt(m.get('loadavg_1m'), 2)} / {_fmt(m.get('loadavg_end_1m'), 2)} |",
              ""] + ([f"Note: {m['note']}", ""] if m.get("note") else [])
-    ts, mk, ld, sh = (res.get(k) for k in ("train_step", "masks", "loader", "shard"))
-    if ts or mk or ld:
+    ts, mk, ld, sh, pf = (res.get(k) for k in ("train_step", "masks", "loader", "shard", "probe_fits"))
+    if ts or mk or ld or pf:
         lines += ["## Speed", "", "| benchmark | ours | baseline | ratio (spread) | target | met |",
                   "|---|---|---|---|---|---|"]
         if ts:
@@ -242,6 +251,13 @@ def render_markdown(res: Mapping[str, Any]) -> str:
             lines.append(f"| mask collator, img/s (batch {mk.get('batch_size')}, grid {mk.get('grid')}) | "
                          f"{_fmt(mk.get('ours_img_s'))} | loop {_fmt(mk.get('loop_img_s'))} | "
                          f"{_fmt(mk.get('ratio'), 1)} ({_spread(mk, 'ratio', 1)}) | ≥ 10 | {_met(mk.get('ratio'), 10)} |")
+        if pf:
+            c = pf.get("config", {})
+            lines.append(f"| probe fits, s ({c.get('models')} models' linear heads on {c.get('n_train')} x {c.get('dim')} "
+                         f"features + attentive probes on {c.get('tokens')} x {c.get('token_dim')} tokens; "
+                         f"{c.get('workers')} side by side vs in turn on {c.get('threads')} threads) | "
+                         f"{_fmt(pf.get('side_by_side_s'))} | in turn {_fmt(pf.get('in_turn_s'))} | "
+                         f"{_fmt(pf.get('ratio'), 2)} ({_spread(pf, 'ratio', 2)}) | – | – |")
         if ld:
             lines.append(f"| loader: shard decoding img/s ({ld.get('config', {}).get('source')}, 1 process) vs "
                          f"train-step consumption | {_fmt(ld.get('img_s'))} | train step "

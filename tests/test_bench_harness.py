@@ -49,9 +49,12 @@ def test_quick_speed_run_writes_results_and_merges(run_all, tmp_path):
     assert ts["precision"] in ("fp32", "bf16") and ts["flop_fraction_own_precision"] > 0
     assert ld["ratio"] == pytest.approx(ld["img_s"] / ld["train_consumption_img_s"], rel=0.02)
     assert saved["shard"]["scenes_img_s"] > 0
+    pf = saved["probe_fits"]
+    assert pf["in_turn_s"] > 0 and pf["side_by_side_s"] > 0
+    assert pf["ratio"] == pytest.approx(pf["in_turn_s"] / pf["side_by_side_s"], rel=0.05)
     assert res["gpu"].get("measured") is True or "not measured" in saved["gpu"]["note"]
     md = (tmp_path / "RESULTS.md").read_text()
-    for needle in ("## Machine", "| CPU |", "torch", "train step, img/s", "mask collator", "loader",
+    for needle in ("## Machine", "| CPU |", "torch", "train step, img/s", "mask collator", "probe fits, s", "loader",
                    "### GPU", "## Quality at equal compute", "### fashion_mnist", "| 0.8500 (n=1) | 0.7000 ± 0.0100 (n=1) |"):
         assert needle in md, needle
     if not res["gpu"].get("measured"):
