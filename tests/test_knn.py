@@ -58,3 +58,17 @@ def test_mismatched_shapes_are_refused():
         knn_predict(tx, ty, torch.zeros(3, 5))
     with pytest.raises(ValueError, match="labels"):
         knn_predict(tx, ty[:-1], tx)
+
+
+def test_standardise_keeps_a_loud_noise_dimension_from_drowning_the_signal():
+    # three clusters in 8 dims, plus 8 dimensions of pure noise 10x louder than the clusters'
+    # spread: the raw cosine is ruled by the noise; standardised with the train statistics,
+    # every dimension counts alike and the clusters' separation shows again
+    tx, ty = _clusters(60, 8, 0)
+    qx, qy = _clusters(30, 8, 1)
+    gen = torch.Generator().manual_seed(3)
+    loud = lambda x: torch.cat([x, 10.0 * torch.randn(x.shape[0], 8, generator=gen)], dim=1)
+    tx, qx = loud(tx), loud(qx)
+    raw = knn_top1(tx, ty, qx, qy, k=5)
+    assert raw < 0.6
+    assert knn_top1(tx, ty, qx, qy, k=5, standardise=True) > 0.9

@@ -4,6 +4,11 @@ The cheap monitor of the self-supervised literature (Wu et al. 2018; DINO's eval
 are L2-normalised, each query takes its `k` most similar train features, and each neighbour votes
 for its label with weight exp(similarity / temperature). No training, no hyper-parameter search,
 so the score can be taken often (along pretraining) and compared across models as it is.
+
+`knn_top1(..., standardise=True)` first standardises every feature dimension with the train
+split's statistics, as the linear heads read the features (`ijepa.linear.Normaliser`): a few
+high-variance dimensions otherwise dominate the cosine. The probe stage and the probes along
+training both score this way, so the same encoder gets the same kind of kNN score from each.
 """
 from __future__ import annotations
 
@@ -42,9 +47,16 @@ def knn_predict(train_x: torch.Tensor, train_y: torch.Tensor, query_x: torch.Ten
 
 
 def knn_top1(train_x: torch.Tensor, train_y: torch.Tensor, query_x: torch.Tensor, query_y: torch.Tensor, *,
-             k: int = 20, temperature: float = 0.07, n_classes: int | None = None) -> float:
-    """Top-1 accuracy of `knn_predict` on the labelled queries."""
+             k: int = 20, temperature: float = 0.07, n_classes: int | None = None,
+             standardise: bool = False) -> float:
+    """Top-1 accuracy of `knn_predict` on the labelled queries; `standardise`: per-dimension
+    standardisation with the train features' statistics first (module docstring)."""
     if query_y.numel() == 0:
         raise ValueError("knn: no query labels")
+    if standardise:
+        from ijepa.linear import Normaliser
+
+        norm = Normaliser.fit(train_x)
+        train_x, query_x = norm(train_x), norm(query_x)
     pred = knn_predict(train_x, train_y, query_x, k=k, temperature=temperature, n_classes=n_classes)
     return float((pred == query_y.long()).float().mean())

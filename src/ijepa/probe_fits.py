@@ -25,7 +25,7 @@ import torch
 from ijepa.attentive import fit_attentive_probes
 from ijepa.fit_progress import FitProgress
 from ijepa.knn import knn_top1
-from ijepa.linear import LinearProbe, Normaliser, fit_linear_probe
+from ijepa.linear import LinearProbe, fit_linear_probe
 
 if TYPE_CHECKING:
     from ijepa.probes import ProbeConfig
@@ -140,9 +140,8 @@ def fit_fn(cfg: "ProbeConfig", probe: str, model: str, plan: tuple[dict[str, tor
             values = {model: float(sum(accs) / len(accs)), f"{model}_std": _sample_std(accs)}
             return {probe: Outcome(values, {"seeds": det})}
         if knn:
-            norm = Normaliser.fit(f[tr])  # standardised as for the linear heads (ijepa.probes)
-            acc = knn_top1(norm(f[tr]), ys[tr], norm(f[te]), ys[te], k=cfg.knn.k, temperature=cfg.knn.temperature,
-                           n_classes=n_classes)
+            acc = knn_top1(f[tr], ys[tr], f[te], ys[te], k=cfg.knn.k, temperature=cfg.knn.temperature,
+                           n_classes=n_classes, standardise=True)
             return {probe: Outcome({model: acc}, {"k": cfg.knn.k, "temperature": cfg.knn.temperature})}
         head = fit_head(cfg, f[tr], ys[tr], f[va], ys[va], n_classes)
         pred = head.predict(f[te])

@@ -5,7 +5,8 @@ copy of the encoder (`ProbeMonitor.record`), before the checkpoint is written so
 checkpoint holds the score of its own step:
 
   knn_top1     weighted kNN (ijepa.knn, cosine, k, temperature) of the val subset against a
-               fixed, seeded subset of the train split as the labelled bank
+               fixed, seeded subset of the train split as the labelled bank, on standardised
+               features as in the probe stage's kNN
   linear_top1  with `monitor.linear`: the probe stage's linear heads fitted on that train subset,
                best val top-1 over the weight-decay grid (ijepa.val_probe.ValProbe, same features)
 
@@ -112,7 +113,7 @@ class ProbeMonitor:
         vp = self.val_probe()
         tx, vx = vp.features(encoder, device)
         out = {"knn_top1": knn_top1(tx, vp.train_y, vx, vp.val_y, k=self.cfg.knn_k,
-                                    temperature=self.cfg.knn_temperature, n_classes=vp.n_classes)}
+                                    temperature=self.cfg.knn_temperature, n_classes=vp.n_classes, standardise=True)}
         if self.cfg.linear:
             out["linear_top1"] = vp.score_features(tx, vx)
         return out
