@@ -98,8 +98,8 @@ run-full: setup
 
 # Two pytest workers (pytest-xdist), a test file per worker at a time (its module fixtures stay in
 # one process): many tests spend their time starting Kedro, DVC or torchrun subprocesses on one
-# core, so two workers overlap them (343 tests: 8.7 min against 12.8-14.5 min in one process on
-# 2 cores). PYTEST_WORKERS=0 runs them in this process.
+# core, so two workers overlap them (343 tests: 8.7-10.2 min against 12.8-14.5 min in one process
+# on 2 cores). PYTEST_WORKERS=0 runs them in this process.
 PYTEST_WORKERS ?= 2
 test: setup $(VENV)/.installed-test
 	$(PY) -m pytest -q $(if $(filter-out 0,$(PYTEST_WORKERS)),-n $(PYTEST_WORKERS) --dist loadfile)
