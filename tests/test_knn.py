@@ -60,7 +60,7 @@ def test_mismatched_shapes_are_refused():
         knn_predict(tx, ty[:-1], tx)
 
 
-def test_standardise_keeps_a_loud_noise_dimension_from_drowning_the_signal():
+def test_standardise_keeps_loud_noise_dimensions_from_drowning_the_signal():
     # three clusters in 8 dims, plus 8 dimensions of pure noise 10x louder than the clusters'
     # spread: the raw cosine is ruled by the noise; standardised with the train statistics,
     # every dimension counts alike and the clusters' separation shows again

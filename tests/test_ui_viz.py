@@ -38,8 +38,10 @@ def viz(tmp_path: Path):
     # the command `make viz` runs; a port taken between finding and binding it is retried
     command = lambda port: ["kedro", "viz", "run", "--host", "127.0.0.1", "--port", str(port),  # noqa: E731
                             "--no-browser"]
+    # kedro-viz refuses ports above 49151 (kedro_viz.launchers.utils._find_available_port), and the
+    # OS hands out free ports up to 60999 here: draw below its limit
     with served(command, "/api/main", tmp_path / "viz.log", name="kedro viz", cwd=ROOT, env=env,
-                ready_timeout=120) as base:
+                ready_timeout=120, port_range=(20000, 49151)) as base:
         yield base
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -86,10 +87,22 @@ def fill_store(tracking_uri: str) -> dict:
     return {"experiment_id": experiment_id, "runs": runs, "metric": (PROBE_METRIC, PROBE_VALUE)}
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(port_range: tuple[int, int] | None = None) -> int:
+    """A 127.0.0.1 port free now: the OS's choice, or a random one of `port_range` (inclusive)."""
+    if port_range is None:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randint(*port_range)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free 127.0.0.1 port in {port_range[0]}-{port_range[1]} after 200 tries")
 
 
 class ServerExited(RuntimeError):
@@ -131,15 +144,16 @@ def _stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
 @contextlib.contextmanager
 def served(command: Callable[[int], list[str]], ready_path: str, log_path: Path, *, name: str,
            cwd: Path | None = None, env: dict[str, str] | None = None, ready_timeout: float = 45.0,
-           attempts: int = 3) -> Iterator[str]:
+           attempts: int = 3, port_range: tuple[int, int] | None = None) -> Iterator[str]:
     """Run a local web server (`command(port)`) on a free 127.0.0.1 port until `ready_path`
     answers 200; yield its base URL; always stop it (its whole process group).
 
     The free port is found by binding port 0 and closing it, so another process can grab it
     before the server binds: an early exit is retried on a new port (`attempts` times).
+    `port_range`: draw the port from this range (for servers that refuse some ports).
     """
     for attempt in range(1, attempts + 1):
-        port = free_port()
+        port = free_port(port_range)
         with open(log_path, "wb") as log:
             # Own session: teardown signals the whole group (e.g. uvicorn parent + worker).
             proc = subprocess.Popen(command(port), cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
