@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ijepa.linear import Normaliser
+
 __all__ = ["knn_predict", "knn_top1"]
 
 _CHUNK = 1024  # query rows per similarity block: [chunk, N_train] floats stay small
@@ -54,8 +56,6 @@ def knn_top1(train_x: torch.Tensor, train_y: torch.Tensor, query_x: torch.Tensor
     if query_y.numel() == 0:
         raise ValueError("knn: no query labels")
     if standardise:
-        from ijepa.linear import Normaliser
-
         norm = Normaliser.fit(train_x)
         train_x, query_x = norm(train_x), norm(query_x)
     pred = knn_predict(train_x, train_y, query_x, k=k, temperature=temperature, n_classes=n_classes)
